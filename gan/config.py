@@ -1,0 +1,232 @@
+"""One typed config: the CLI, the TOML presets, the MLflow params and the Tune space.
+
+Keys are always ``section.field``. Every way in (TOML file, ``--section.field=value``
+overrides, a Tune trial's dict) goes through :func:`apply`, so a typo or a wrong type
+fails the same way everywhere, before any cluster resource is requested.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the person who wrote the config."""
+
+
+@dataclass
+class ModelConfig:
+    size: int = 64  # 64 or 128 px; 128 is the seed
+    z_dim: int = 100
+    # Channel multiplier on the seed's 1024/512/... widths: 1.0 is the seed, smaller
+    # widths exist so that the same family trains in minutes on a laptop CPU.
+    width: float = 1.0
+    bn_eps: float = 5e-5
+    # The seed is TensorFlow, whose BN "momentum" 0.99 is PyTorch's momentum 0.01.
+    bn_momentum: float = 0.01
+    leaky_slope: float = 0.2
+    init_std: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    # "generated": procedural faces written to `path` on first use (the embedded default);
+    # "shards": an existing shard set at `path` (e.g. from `python -m datasets.celeba`).
+    source: str = "generated"
+    path: str = "data/generated64"
+    generated_count: int = 10_000
+    # Rows are shuffled within windows of this many row groups (memory vs. mixing).
+    shuffle_groups: int = 4
+
+
+@dataclass
+class LossConfig:
+    real_label_lo: float = 0.9
+    real_label_hi: float = 1.0
+    noise_sigma_max: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    lr_d: float = 4e-5
+    lr_g: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # global: split evenly over the workers
+    epochs: int = 60
+    max_steps: int = 0  # > 0: stop at this step even if epochs remain
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    ema_decay: float = 0.0  # 0 disables the generator EMA
+    threads: int = 0  # torch intra-op threads per worker; 0 leaves the default
+
+
+@dataclass
+class ScaleConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    max_failures: int = 0  # worker-group restarts from the last checkpoint
+
+
+@dataclass
+class RunSection:
+    name: str = ""  # empty: derived from the preset name and the time
+    storage_path: str = "runs"
+    experiment: str = "facegan"
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+
+def _sections(cfg: Config) -> dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _coerce(key: str, raw: Any, typ: type, where: str) -> Any:
+    """Converts CLI strings and TOML values to the field's type, or says what is wrong."""
+    if isinstance(raw, str) and typ is not str:
+        text = raw.strip()
+        try:
+            if typ is bool:
+                if text.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if text.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            if typ is int:
+                return int(text)
+            if typ is float:
+                return float(text)
+        except ValueError:
+            raise ConfigError(f"{where}{key}: expected {typ.__name__}, got {raw!r}") from None
+    if typ is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if typ is bool and not isinstance(raw, bool):
+        raise ConfigError(f"{where}{key}: expected bool, got {raw!r}")
+    if typ is int and (isinstance(raw, bool) or not isinstance(raw, int)):
+        raise ConfigError(f"{where}{key}: expected int, got {raw!r}")
+    if not isinstance(raw, typ):
+        raise ConfigError(f"{where}{key}: expected {typ.__name__}, got {raw!r}")
+    return raw
+
+
+def apply(cfg: Config, values: dict[str, Any], where: str = "") -> Config:
+    """Sets flat ``section.field`` keys on ``cfg`` (in place) and returns it."""
+    sections = _sections(cfg)
+    for key, raw in values.items():
+        section_name, _, field_name = key.partition(".")
+        if section_name not in sections or not field_name:
+            raise ConfigError(
+                f"{where}unknown config key {key!r}: expected section.field with section one of "
+                f"{', '.join(sections)}"
+            )
+        section = sections[section_name]
+        hints = get_type_hints(type(section))
+        if field_name not in hints:
+            raise ConfigError(
+                f"{where}unknown config key {key!r}: [{section_name}] has "
+                f"{', '.join(hints)}"
+            )
+        setattr(section, field_name, _coerce(key, raw, hints[field_name], where))
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML preset, then ``--section.field=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            doc = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        flat = {}
+        for section, body in doc.items():
+            if not isinstance(body, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table")
+            flat.update({f"{section}.{k}": v for k, v in body.items()})
+        apply(cfg, flat, where=f"{path}: ")
+    apply(cfg, parse_overrides(overrides or []), where="command line: ")
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    out = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"command line: expected --section.field=value, got {arg!r}")
+        key, _, value = arg[2:].partition("=")
+        out[key] = value
+    return out
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"section.field": value}``: the MLflow params and the Tune space's key names."""
+    return {
+        f"{name}.{k}": v for name, sec in _sections(cfg).items() for k, v in dataclasses.asdict(sec).items()
+    }
+
+
+def from_flat(values: dict[str, Any]) -> Config:
+    return apply(Config(), values)
+
+
+def validate(cfg: Config) -> Config:
+    """Checks what types cannot: ranges and the relations between fields."""
+    m, t, lo, op, sc = cfg.model, cfg.train, cfg.loss, cfg.optim, cfg.scale
+    checks = [
+        (m.size in (64, 128), "model.size", f"must be 64 or 128, got {m.size}"),
+        (m.z_dim > 0, "model.z_dim", f"must be > 0, got {m.z_dim}"),
+        (0 < m.width <= 4 and int(64 * m.width) >= 1, "model.width",
+         f"must be in (0, 4] with at least one channel per layer, got {m.width}"),
+        (cfg.data.source in ("generated", "shards"), "data.source",
+         f"must be 'generated' or 'shards', got {cfg.data.source!r}"),
+        (bool(cfg.data.path), "data.path", "must name a directory"),
+        (cfg.data.generated_count > 0, "data.generated_count", "must be > 0"),
+        (cfg.data.shuffle_groups >= 1, "data.shuffle_groups", "must be >= 1"),
+        (0.0 <= lo.real_label_lo <= lo.real_label_hi <= 1.0, "loss.real_label_lo/hi",
+         f"need 0 <= lo <= hi <= 1, got lo={lo.real_label_lo}, hi={lo.real_label_hi}"),
+        (lo.noise_sigma_max >= 0, "loss.noise_sigma_max", "must be >= 0"),
+        (op.lr_d > 0 and math.isfinite(op.lr_d), "optim.lr_d", f"must be > 0, got {op.lr_d}"),
+        (op.lr_g > 0 and math.isfinite(op.lr_g), "optim.lr_g", f"must be > 0, got {op.lr_g}"),
+        (0 <= op.beta1 < 1 and 0 <= op.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)"),
+        (sc.num_workers >= 1, "scale.num_workers", f"must be >= 1, got {sc.num_workers}"),
+        (t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}"),
+        (t.batch_size % max(sc.num_workers, 1) == 0, "train.batch_size",
+         f"{t.batch_size} is not divisible by scale.num_workers={sc.num_workers}"),
+        (t.epochs >= 1 or t.max_steps >= 1, "train.epochs", "epochs or max_steps must be >= 1"),
+        (t.max_steps >= 0, "train.max_steps", "must be >= 0"),
+        (t.log_every >= 1, "train.log_every", "must be >= 1"),
+        (t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1"),
+        (0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}"),
+        (sc.cpus_per_worker > 0, "scale.cpus_per_worker", "must be > 0"),
+        (not sc.use_gpu or sc.gpus_per_worker > 0, "scale.gpus_per_worker", "must be > 0"),
+        (sc.max_failures >= -1, "scale.max_failures", "must be >= -1 (-1: unlimited)"),
+        (cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+    return cfg

@@ -1,0 +1,142 @@
+"""The training loop: runs on every rank, sees the launcher only through a ``Context``."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from datasets.shards import ShardReader, ShardSet
+from gan.config import Config, flatten
+from gan.checkpoint import FORMAT_VERSION
+from gan.context import Context, unwrap
+from gan.images import sample_grid_png
+from gan.models import build, sample_z
+from gan.step import Nets, train_step, update_ema
+
+FIXED_SAMPLES = 64  # the 8x8 grid
+
+
+@dataclass
+class TrainResult:
+    step: int
+    generator: nn.Module  # unwrapped; the EMA generator when EMA is on
+    metrics: dict[str, float] = field(default_factory=dict)
+    resumed_from: int | None = None
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The step's RNG is re-seeded from (seed, rank, step): a resumed run draws exactly the
+    noise, labels and flips the uninterrupted run would have, with no generator state to carry."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def total_steps(reader: ShardReader, cfg: Config) -> int:
+    by_epochs = sum(reader.steps_in_epoch(e) for e in range(cfg.train.epochs))
+    return min(by_epochs, cfg.train.max_steps) if cfg.train.max_steps > 0 else by_epochs
+
+
+class _Meter:
+    """Sums detached stats on the device; one host sync per report, not per step."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for k, v in stats.items():
+            if k in ("label_min", "label_max"):
+                continue
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.n += 1
+
+    def flush(self, ctx: Context, global_batch: int) -> dict[str, float]:
+        keys = sorted(self.sums)
+        means = ctx.mean(torch.stack([self.sums[k] for k in keys]) / max(self.n, 1)).tolist()
+        out = dict(zip(keys, means))
+        out["img_per_s"] = self.n * global_batch / max(time.perf_counter() - self.t0, 1e-9)
+        self.__init__()
+        return out
+
+
+def train(cfg: Config, ctx: Context) -> TrainResult:
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    shards = ShardSet(cfg.data.path)
+    if shards.image_size != cfg.model.size:
+        raise ValueError(f"data.path {cfg.data.path} holds {shards.image_size}px faces, "
+                         f"model.size is {cfg.model.size}")
+    reader = ShardReader(shards, ctx.rank, ctx.world_size, t.batch_size // ctx.world_size,
+                         t.seed, cfg.data.shuffle_groups)
+    total = total_steps(reader, cfg)
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    G, D = build(cfg.model)
+    G, D = G.to(ctx.device), D.to(ctx.device)
+    ema = copy.deepcopy(G).requires_grad_(False) if t.ema_decay > 0 else None
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
+
+    step, epoch, batch, resumed_from = 0, 0, 0, None
+    state = ctx.load_checkpoint()
+    if state is not None:
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"]["torch_cpu"])
+        step, epoch, batch = state["step"], state["data"]["epoch"], state["data"]["batch"]
+        resumed_from = step
+
+    def capture() -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION, "step": step, "data": {"epoch": epoch, "batch": batch},
+            "G": G.state_dict(), "D": D.state_dict(),
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "rng": {"torch_cpu": torch.get_rng_state(), "step_seed": "blake2b(seed/rank/step)"},
+            "config": flatten(cfg),
+        }
+
+    nets = Nets(ctx.wrap(G), ctx.wrap(D), D, opt_g, opt_d, cfg.model.z_dim)
+    sampler = ema if ema is not None else G
+    fixed_z = sample_z(FIXED_SAMPLES, cfg.model.z_dim, torch.Generator().manual_seed(t.seed)).to(ctx.device)
+    gen = torch.Generator(device=ctx.device)
+    meter, metrics = _Meter(), {}
+    if resumed_from is not None:
+        ctx.report(step, {"resumed_from_step": float(step)})
+
+    def grid_artifact(name: str) -> dict[str, bytes] | None:
+        return {f"samples/{name}.png": sample_grid_png(sampler, fixed_z)} if ctx.rank == 0 else None
+
+    while step < total and not ctx.should_stop():
+        if batch >= reader.steps_in_epoch(epoch):
+            epoch, batch = epoch + 1, 0
+            continue
+        for images in reader.iter_epoch(epoch, batch):
+            x = torch.from_numpy(images).to(ctx.device, non_blocking=True)
+            gen.manual_seed(step_seed(t.seed, ctx.rank, step))
+            meter.add(train_step(x, nets, cfg.loss, gen))
+            if ema is not None:
+                update_ema(ema, G, t.ema_decay)
+            step, batch = step + 1, batch + 1
+            log_now, ckpt_now = step % t.log_every == 0, step % t.checkpoint_every == 0 or step == total
+            if log_now or ckpt_now or step == total:
+                metrics = {**meter.flush(ctx, t.batch_size), "epoch": float(epoch)}
+                ctx.report(step, metrics, checkpoint=capture if ckpt_now else None)
+            if step >= total or ctx.should_stop():
+                break
+        if batch >= reader.steps_in_epoch(epoch):
+            ctx.report(step, {}, artifacts=grid_artifact(f"epoch_{epoch + 1:03d}"))
+    ctx.report(step, {}, artifacts=grid_artifact("final"))
+    return TrainResult(step, unwrap(nets.G) if ema is None else ema, metrics, resumed_from)

@@ -1,0 +1,28 @@
+"""GAN losses as pure functions: tensors in, ``(loss, stats)`` out; no optimizer, no randomness.
+
+Stats are detached tensors, never Python numbers, so that the hot loop does not sync with
+the device; the loop reduces them every ``log_every`` steps.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
+           real_labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The seed's D loss: ½·(BCE(D(x+ε), y_real) + BCE(D(G(z)), 0)), labels already smoothed."""
+    real = F.binary_cross_entropy_with_logits(real_logits, real_labels)
+    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    loss = 0.5 * (real + fake)
+    return loss, {
+        "d_loss": loss.detach(),
+        "d_real": torch.sigmoid(real_logits.detach()).mean(),
+        "d_fake": torch.sigmoid(fake_logits.detach()).mean(),
+    }
+
+
+def g_loss(fake_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Non-saturating G loss: BCE(D(G(z)), 1)."""
+    loss = F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+    return loss, {"g_loss": loss.detach()}

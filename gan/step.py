@@ -1,0 +1,86 @@
+"""One training step: the D update, then the G update, on one local batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gan.config import LossConfig
+from gan.losses import d_loss, g_loss
+from gan.models import sample_z
+
+
+@dataclass
+class Nets:
+    """The step's view of the models: ``G``/``D`` may be DDP-wrapped, ``D_raw`` never is."""
+
+    G: nn.Module
+    D: nn.Module
+    D_raw: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    z_dim: int
+
+
+def to_unit_range(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1] (the permute leaves a channels-last layout)."""
+    return images_u8.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def augment_real(x: torch.Tensor, cfg: LossConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """Random horizontal flips, then instance noise ε ~ N(0, σ²) with σ ~ U(0, σ_max) per step."""
+    n = x.shape[0]
+    flip = torch.rand(n, generator=gen, device=x.device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    sigma = torch.rand((), generator=gen, device=x.device) * cfg.noise_sigma_max
+    x = x + sigma * torch.randn(x.shape, generator=gen, device=x.device)
+    return x, {"noise_sigma": sigma}
+
+
+def real_labels(n: int, cfg: LossConfig, gen: torch.Generator, device) -> torch.Tensor:
+    """Per-sample smoothed real labels y ~ U(lo, hi)."""
+    lo, hi = cfg.real_label_lo, cfg.real_label_hi
+    return lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
+
+
+def d_step(x: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor, nets: Nets) -> dict:
+    """Updates D only: ``fake`` is detached, so no gradient reaches G."""
+    # Real and fake go through D in two passes, as in the seed (BN statistics per pass); the
+    # DDP wrapper has broadcast_buffers=False, so the second pass does not trip autograd.
+    nets.opt_d.zero_grad(set_to_none=True)
+    loss, stats = d_loss(nets.D(x), nets.D(fake.detach()), labels)
+    loss.backward()
+    nets.opt_d.step()
+    return stats
+
+
+def g_step(fake: torch.Tensor, nets: Nets) -> dict:
+    """Updates G only. D's gradients are not wanted, so the pass goes through the unwrapped D
+    (nothing to all-reduce) and ``inputs=`` keeps autograd from computing D's weight grads."""
+    nets.opt_g.zero_grad(set_to_none=True)
+    loss, stats = g_loss(nets.D_raw(fake))
+    loss.backward(inputs=list(nets.G.parameters()))
+    nets.opt_g.step()
+    return stats
+
+
+def train_step(images_u8: torch.Tensor, nets: Nets, cfg: LossConfig,
+               gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """D update then G update on one batch of uint8 NHWC images. Returns detached stats; all
+    randomness comes from ``gen``, so a step can be replayed exactly."""
+    x, aug_stats = augment_real(to_unit_range(images_u8), cfg, gen)
+    labels = real_labels(x.shape[0], cfg, gen, x.device)
+    fake = nets.G(sample_z(x.shape[0], nets.z_dim, gen, x.device))
+    stats = d_step(x, fake, labels, nets)
+    stats.update(g_step(fake, nets))
+    return {**stats, **aug_stats, "label_min": labels.min().detach(), "label_max": labels.max().detach()}
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """EMA of the generator's weights; BN running stats are copied, not averaged."""
+    e_params, m_params = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
+    for eb, mb in zip(ema.buffers(), model.buffers()):
+        eb.copy_(mb)

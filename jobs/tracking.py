@@ -1,0 +1,118 @@
+"""MLflow: where runs go, and the rank-0 writer of metrics, artifacts and the model.
+
+With ``MLFLOW_TRACKING_URI`` unset, runs go to an embedded SQLite store (MLflow 3's
+recommended local backend; the file store is deprecated) at ``./mlflow.db`` with artifacts in
+``./mlartifacts``, both resolved to absolute paths on the driver so that Ray workers, whose
+working directory differs, write to the same place. Set ``MLFLOW_TRACKING_URI`` to an
+``mlflow server`` (``http://host:5000``) when workers run on other nodes.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+RUN_DIR_TAG = "facegan.run_dir"
+RUN_NAME_TAG = "facegan.run_name"
+MODEL_PATH = "generator"
+
+
+def resolve_tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if uri:
+        return uri
+    return f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:"):
+        location = Path("mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, run_dir: str, params: dict,
+              resume: bool) -> str:
+    """Creates the run (params logged once) or, on resume, finds the one for ``run_dir``."""
+    client = MlflowClient(tracking_uri)
+    exp_id = _experiment_id(client, experiment, tracking_uri)
+    if resume:
+        found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
+                                   max_results=1)
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_DIR_TAG: run_dir, RUN_NAME_TAG: run_name})
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, ok: bool) -> None:
+    MlflowClient(tracking_uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+class Tracker:
+    """Rank 0's writer. Steps already in the run (written before a restart) are not written
+    again, so a run resumed from an older checkpoint leaves no duplicate steps in MLflow."""
+
+    def __init__(self, tracking_uri: str, run_id: str, dedup_metric: str = "d_loss"):
+        self.uri, self.run_id = tracking_uri, run_id
+        self.client = MlflowClient(tracking_uri)
+        history = self.client.get_metric_history(run_id, dedup_metric)
+        self.last_step = max((m.step for m in history), default=-1)
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        if step <= self.last_step or not metrics:
+            return
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def log_artifacts(self, artifacts: dict[str, bytes]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for rel, data in artifacts.items():
+                path = Path(tmp) / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+                parent = str(Path(rel).parent)
+                self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+    def log_generator(self, G, z_dim: int) -> None:
+        log_generator(self.uri, self.run_id, G, z_dim)
+
+
+def log_generator(tracking_uri: str, run_id: str, G, z_dim: int) -> None:
+    """The generator as an MLflow PyTorch model that runs at any batch size.
+
+    MLflow 3 defaults to the pt2 format, which exports the graph traced at the input
+    example's batch size; the pickle format keeps the module (and ships ``gan/`` with it via
+    ``code_paths``), so the loaded generator takes any number of z's.
+    """
+    import numpy as np
+    import torch
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    G = G.to("cpu").eval()
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, z_dim))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, G.size, G.size))]))
+    example = (torch.rand(2, z_dim) * 2 - 1).numpy()
+    gan_dir = str(Path(__file__).resolve().parents[1] / "gan")
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        mlflow.pytorch.log_model(G, name=MODEL_PATH, serialization_format="pickle", signature=signature,
+                                 input_example=example, code_paths=[gan_dir],
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

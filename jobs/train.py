@@ -1,0 +1,140 @@
+"""Train the seed DCGAN with Ray Train (DDP over N workers), tracked in MLflow.
+
+    python -m jobs.train --config configs/smoke.toml [--section.field=value ...] [--resume]
+
+On a running cluster (see infra/README.md):
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python -m jobs.train --config configs/smoke.toml
+
+``--resume`` continues the run named ``run.name`` under ``run.storage_path`` from its last
+checkpoint, logging into the same MLflow run. Everything is validated (config, data, run
+directory) before any Ray resource is requested; errors are one line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets.shards import ShardError, ShardSet
+from datasets.synthetic import ensure_generated
+from gan.config import Config, ConfigError, flatten, from_flat, load, validate
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    run_name: str
+    storage_path: str
+    resume: bool
+
+
+def prepare(argv: list[str] | None) -> Plan:
+    """Parses, validates and resolves everything; touches no Ray resource."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a TOML preset from configs/")
+    p.add_argument("--resume", action="store_true", help="continue run.name from its last checkpoint")
+    args, rest = p.parse_known_args(argv)
+    cfg = validate(load(args.config, rest))
+
+    # Workers have another working directory than the driver: pass them absolute paths.
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    storage = Path(cfg.run.storage_path).resolve()
+    cfg.run.storage_path = str(storage)
+    if cfg.data.source == "generated":
+        shards = ensure_generated(cfg.data.path, cfg.data.generated_count, cfg.model.size, cfg.train.seed)
+    else:
+        shards = ShardSet(cfg.data.path)
+    if shards.image_size != cfg.model.size:
+        raise ConfigError(f"data.path {cfg.data.path} holds {shards.image_size}px faces but "
+                          f"model.size is {cfg.model.size}")
+
+    if args.resume and not cfg.run.name:
+        raise ConfigError("--resume needs run.name (the run to continue)")
+    stem = Path(args.config).stem if args.config else "default"
+    name = cfg.run.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = storage / name
+    if args.resume and not run_dir.is_dir():
+        raise ConfigError(f"--resume: no run at {run_dir}")
+    if not args.resume and run_dir.exists():
+        raise ConfigError(f"run.name: {run_dir} exists; pass --resume to continue it or choose another name")
+    cfg.run.name = name
+    return Plan(cfg, name, str(storage), args.resume)
+
+
+def train_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+
+    from gan.loop import train
+    from jobs.ray_context import RayTrainContext
+    from jobs.tracking import Tracker
+
+    cfg = from_flat(loop_config["config"])
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank0 else None
+    ctx = RayTrainContext(tracker)
+    result = train(cfg, ctx)
+    if tracker is not None:
+        tracker.log_generator(result.generator, cfg.model.z_dim)
+        tracker.set_tags({"facegan.final_step": str(result.step)})
+
+
+def build_trainer(plan: Plan, tracking_uri: str, run_id: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    sc = plan.cfg.scale
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": flatten(plan.cfg), "tracking_uri": tracking_uri, "run_id": run_id},
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=plan.run_name,
+            storage_path=plan.storage_path,
+            failure_config=FailureConfig(max_failures=sc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=plan.cfg.run.keep_checkpoints),
+        ),
+    )
+
+
+def run(argv: list[str] | None = None) -> dict:
+    plan = prepare(argv)
+
+    import ray
+
+    from jobs.tracking import end_run, resolve_tracking_uri, start_run
+
+    uri = resolve_tracking_uri()
+    run_dir = str(Path(plan.storage_path) / plan.run_name)
+    run_id = start_run(uri, plan.cfg.run.experiment, plan.run_name, run_dir, flatten(plan.cfg), plan.resume)
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS when set (e.g. under `ray job submit`), else starts a local one
+    ok = False
+    try:
+        result = build_trainer(plan, uri, run_id).fit()
+        ok = True
+    finally:
+        end_run(uri, run_id, ok)
+    return {"run_id": run_id, "tracking_uri": uri, "run_dir": run_dir, "result": result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        out = run(argv)
+    except (ConfigError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"run_id: {out['run_id']}")
+    print(f"tracking_uri: {out['tracking_uri']}")
+    print(f"checkpoints: {out['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

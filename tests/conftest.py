@@ -1,0 +1,62 @@
+"""Shared fixtures: generated shard sets, a real local Ray, a real MLflow store."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasets.shards import ShardWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+CELEBA_SAMPLE = ROOT.parent / "shared" / "data" / "celeba-sample"
+
+
+def write_indexed(out: Path, count: int, size: int = 64, row_group_size: int = 64,
+                  rows_per_shard: int = 256) -> Path:
+    """A shard set whose image i carries i in its first pixel, so tests can say which row is which."""
+    w = ShardWriter(out, size, rows_per_shard=rows_per_shard, row_group_size=row_group_size)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        img[0, 0, :3] = (i >> 16) & 255, (i >> 8) & 255, i & 255
+        w.add(f"img-{i:06d}", img)
+    w.close()
+    return out
+
+
+def ids_of(batch: np.ndarray) -> list[int]:
+    p = batch[:, 0, 0, :3].astype(np.int64)
+    return list((p[:, 0] << 16) | (p[:, 1] << 8) | p[:, 2])
+
+
+@pytest.fixture(scope="session")
+def faces64(tmp_path_factory) -> Path:
+    """512 procedural faces at 64px in small row groups (8 groups: enough for 2 workers)."""
+    from datasets.synthetic import write_generated
+
+    out = tmp_path_factory.mktemp("faces64")
+    write_generated(out, 512, 64, seed=0, row_group_size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """A real local Ray instance on 127.0.0.1 for the whole session."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A real MLflow SQLite store in a temporary directory."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # default artifact location ./mlartifacts lands here too
+    return uri

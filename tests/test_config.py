@@ -1,0 +1,91 @@
+import subprocess
+import sys
+
+import pytest
+
+from gan.config import Config, ConfigError, flatten, from_flat, load, validate
+from tests.conftest import ROOT
+
+
+def test_presets_load_and_validate():
+    for preset in sorted((ROOT / "configs").glob("*.toml")):
+        validate(load(preset))
+
+
+def test_cli_overrides_are_typed():
+    cfg = load(ROOT / "configs" / "smoke.toml", ["--train.batch_size=32", "--optim.lr_d=1e-4",
+                                                 "--scale.use_gpu=true", "--run.name=x"])
+    assert cfg.train.batch_size == 32 and cfg.optim.lr_d == 1e-4
+    assert cfg.scale.use_gpu is True and cfg.run.name == "x"
+
+
+def test_flatten_round_trips():
+    cfg = load(ROOT / "configs" / "seed128.toml")
+    flat = flatten(cfg)
+    assert flat["optim.lr_d"] == 4e-5 and flat["model.size"] == 128
+    assert from_flat(flat) == cfg
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--train.nope=1", "unknown config key 'train.nope'"),
+    ("--nosection.x=1", "unknown config key 'nosection.x'"),
+    ("--train.batch_size=abc", "train.batch_size: expected int, got 'abc'"),
+    ("--scale.use_gpu=maybe", "scale.use_gpu: expected bool"),
+])
+def test_bad_keys_and_types_name_the_field(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load(ROOT / "configs" / "smoke.toml", [override])
+
+
+def test_wrong_type_in_toml_names_file_and_field(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[train]\nbatch_size = "sixty-four"\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: train.batch_size: expected int"):
+        load(bad)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["--model.size=96"], "model.size: must be 64 or 128, got 96"),
+    (["--train.batch_size=63"], "train.batch_size: 63 is not divisible by scale.num_workers=2"),
+    (["--loss.real_label_lo=0.95", "--loss.real_label_hi=0.9"], "need 0 <= lo <= hi <= 1"),
+    (["--optim.lr_d=0"], "optim.lr_d: must be > 0"),
+])
+def test_validation_errors(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        validate(load(ROOT / "configs" / "smoke.toml", overrides))
+
+
+def _train_cli(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "jobs.train", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--train.batch_size=63"], "train.batch_size: 63 is not divisible by scale.num_workers=2"),
+    (["--model.size=96"], "model.size: must be 64 or 128"),
+    (["--train.bogus=1"], "unknown config key 'train.bogus'"),
+    (["--data.source=shards", "--data.path=nowhere"], "nowhere does not exist"),
+])
+def test_train_cli_fails_fast_before_ray(tmp_path, args, needle):
+    proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"), *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+    # Nothing was started or written: no Ray session, no MLflow store, no run directory.
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+    assert "Ray" not in proc.stdout + proc.stderr
+
+
+def test_empty_shard_directory_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"),
+                      "--data.source=shards", f"--data.path={tmp_path / 'empty'}")
+    assert proc.returncode == 2
+    assert "manifest.json: missing" in proc.stderr and str(tmp_path / "empty") in proc.stderr
+
+
+def test_default_config_is_the_seed():
+    c = Config()
+    assert (c.optim.lr_d, c.optim.lr_g, c.optim.beta1) == (4e-5, 2e-4, 0.5)
+    assert (c.loss.real_label_lo, c.loss.real_label_hi, c.loss.noise_sigma_max) == (0.9, 1.0, 0.1)
+    assert (c.train.batch_size, c.train.epochs, c.model.z_dim, c.model.bn_eps) == (64, 60, 100, 5e-5)
