@@ -25,6 +25,7 @@ FIXED_SAMPLES = 64  # the 8x8 grid
 class TrainResult:
     step: int
     generator: nn.Module  # unwrapped; the EMA generator when EMA is on
+    discriminator: nn.Module  # unwrapped
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int | None = None
 
@@ -139,4 +140,4 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
         if batch >= reader.steps_in_epoch(epoch):
             ctx.report(step, {}, artifacts=grid_artifact(f"epoch_{epoch + 1:03d}"))
     ctx.report(step, {}, artifacts=grid_artifact("final"))
-    return TrainResult(step, unwrap(nets.G) if ema is None else ema, metrics, resumed_from)
+    return TrainResult(step, unwrap(nets.G) if ema is None else ema, D, metrics, resumed_from)

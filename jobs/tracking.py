@@ -65,17 +65,19 @@ class Tracker:
     """Rank 0's writer. Steps already in the run (written before a restart) are not written
     again, so a run resumed from an older checkpoint leaves no duplicate steps in MLflow."""
 
-    def __init__(self, tracking_uri: str, run_id: str, dedup_metric: str = "d_loss"):
+    def __init__(self, tracking_uri: str, run_id: str):
         self.uri, self.run_id = tracking_uri, run_id
         self.client = MlflowClient(tracking_uri)
-        history = self.client.get_metric_history(run_id, dedup_metric)
-        self.last_step = max((m.step for m in history), default=-1)
+        keys = self.client.get_run(run_id).data.metrics
+        self.last_step = {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in keys}
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        if step <= self.last_step or not metrics:
+        fresh = {k: v for k, v in metrics.items() if step > self.last_step.get(k, -1)}
+        if not fresh:
             return
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in fresh.items()])
+        self.last_step.update({k: step for k in fresh})
 
     def log_artifacts(self, artifacts: dict[str, bytes]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
