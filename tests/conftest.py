@@ -41,9 +41,11 @@ def faces64(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
-    """A real local Ray instance on 127.0.0.1 for the whole session."""
+    """A real local Ray instance for one test module. Module scope, not session: the
+    `ray job submit` test ends its own head with `ray stop`, which stops every Ray on the
+    machine, so no in-process Ray may be alive while that module runs."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

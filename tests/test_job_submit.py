@@ -1,0 +1,91 @@
+"""`ray job submit` against a real local head, tracked in a real `mlflow server`, both on
+127.0.0.1, both started and stopped here."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    ray_tmp = f"/tmp/fg-ray-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
+    dash = _free_port()
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                    "--include-dashboard=true", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version")
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_lands_in_mlflow(ray_head, mlflow_server, faces64, tmp_path):
+    address, env = ray_head
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}
+    proc = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--runtime-env-json", json.dumps(runtime_env), "--",
+         "python", "-m", "jobs.train", "--config", "configs/smoke.toml",
+         "--data.source=shards", f"--data.path={faces64}", "--model.width=0.0625",
+         "--train.batch_size=16", "--train.max_steps=12", "--train.log_every=4",
+         f"--run.storage_path={tmp_path / 'runs'}", "--run.name=submitted",
+         "--scale.cpus_per_worker=0.5"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    run_id = proc.stdout.split("run_id: ")[1].split()[0]
+    assert f"tracking_uri: {mlflow_server}" in proc.stdout
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "12"
+    assert [m.step for m in client.get_metric_history(run_id, "g_loss")] == [4, 8, 12]
+    assert "samples/final.png" in {a.path for a in client.list_artifacts(run_id, "samples")}
+    assert (tmp_path / "runs" / "submitted" / "checkpoint_000000012" / "checkpoint.pt").is_file()
