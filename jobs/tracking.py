@@ -2,7 +2,7 @@
 
 With ``MLFLOW_TRACKING_URI`` unset, runs go to an embedded SQLite store (MLflow 3's
 recommended local backend; the file store is deprecated) at ``./mlflow.db`` with artifacts in
-``./mlartifacts``, both resolved to absolute paths on the driver so that Ray workers, whose
+``mlartifacts/`` beside it, both resolved to absolute paths on the driver so that Ray workers, whose
 working directory differs, write to the same place. Set ``MLFLOW_TRACKING_URI`` to an
 ``mlflow server`` (``http://host:5000``) when workers run on other nodes.
 """
@@ -34,8 +34,9 @@ def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if tracking_uri.startswith("sqlite:"):
-        location = Path("mlartifacts").resolve().as_uri()
+    if tracking_uri.startswith("sqlite:///"):
+        # Beside the database, whatever the working directory of whoever creates it.
+        location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
     return client.create_experiment(name, artifact_location=location)
 
 

@@ -1,0 +1,161 @@
+"""Training-step speed: the project's step vs. a textbook eager DCGAN step, same process.
+
+    python -m benchmarks.train_step --size 64 --batch 64            # CPU
+    python -m benchmarks.train_step --size 128 --batch 64 --device cuda
+
+Prints one JSON line per variant: img/s, step ms, model FLOPs per image (counted with
+torch.utils.flop_counter on the reference iteration), MFU against a matmul peak measured in
+this run (bf16 on CUDA, fp32 on CPU), peak memory. Variants run in alternating rounds so that
+drift (thermal, other load) hits all of them alike; the figure is the median round.
+Needs only torch (no Ray, no MLflow), so it runs on a bare GPU box.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from gan.config import LossConfig, ModelConfig
+from gan.models import build, sample_z
+from gan.step import Nets, train_step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device) -> tuple[float, str]:
+    """Measured dense matmul FLOP/s: the denominator of MFU."""
+    dtype, n = (torch.bfloat16, 8192) if device.type == "cuda" else (torch.float32, 2048)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps, t0 = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0), str(dtype).replace("torch.", "")
+
+
+class ReferenceStep:
+    """The textbook eager fp32 DCGAN iteration (PyTorch DCGAN example style): separate real and
+    fake backward passes, D's weight grads computed in the G step too, a host sync per step
+    to read the losses, normalisation and flips on the host."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, seed: int = 0):
+        torch.manual_seed(seed)
+        self.G, self.D = (m.to(device) for m in build(cfg))
+        self.opt_g = torch.optim.Adam(self.G.parameters(), 2e-4, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.D.parameters(), 4e-5, betas=(0.5, 0.999))
+        self.z_dim, self.device = cfg.z_dim, device
+
+    def __call__(self, images_u8: torch.Tensor) -> None:
+        x = images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1  # on the host, as a DataLoader would
+        flip = torch.rand(x.shape[0]) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        x = (x + 0.05 * torch.randn_like(x)).to(self.device)
+        n = x.shape[0]
+        y_real = (0.9 + 0.1 * torch.rand(n)).to(self.device)
+        self.D.zero_grad()
+        err_real = F.binary_cross_entropy_with_logits(self.D(x), y_real)
+        err_real.backward()
+        fake = self.G(torch.rand(n, self.z_dim, device=self.device) * 2 - 1)
+        err_fake = F.binary_cross_entropy_with_logits(self.D(fake.detach()), torch.zeros(n, device=self.device))
+        err_fake.backward()
+        self.opt_d.step()
+        self.G.zero_grad()
+        err_g = F.binary_cross_entropy_with_logits(self.D(fake), torch.ones(n, device=self.device))
+        err_g.backward()
+        self.opt_g.step()
+        _ = (0.5 * (err_real + err_fake)).item(), err_g.item()
+
+
+class ProjectStep:
+    """gan.step.train_step as the training loop calls it."""
+
+    def __init__(self, cfg: ModelConfig, device: torch.device, seed: int = 0):
+        torch.manual_seed(seed)
+        G, D = (m.to(device) for m in build(cfg))
+        self.nets = Nets(G, D, D, torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999)),
+                         torch.optim.Adam(D.parameters(), 4e-5, betas=(0.5, 0.999)), cfg.z_dim)
+        self.gen = torch.Generator(device=device)
+        self.device, self.step, self.loss_cfg = device, 0, LossConfig()
+
+    def __call__(self, images_u8: torch.Tensor) -> None:
+        self.gen.manual_seed(self.step)
+        self.step += 1
+        train_step(images_u8.to(self.device, non_blocking=True), self.nets, self.loss_cfg, self.gen)
+
+
+VARIANTS = {"eager_fp32_reference": ReferenceStep, "project_step": ProjectStep}
+
+
+def count_flops_per_image(cfg: ModelConfig, device: torch.device, batch: int) -> float:
+    step = ReferenceStep(cfg, device)
+    images = torch.randint(0, 256, (batch, cfg.size, cfg.size, 3), dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter:
+        step(images)
+    return counter.get_total_flops() / batch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, choices=(64, 128), default=64)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0 = the seed)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    cfg = ModelConfig(size=a.size, width=a.width)
+    peak, peak_dtype = matmul_peak(device)
+    flops = count_flops_per_image(cfg, device, min(a.batch, 8))
+    names = a.variants.split(",")
+    steps = {n: VARIANTS[n](cfg, device) for n in names}
+    images = torch.randint(0, 256, (a.batch, a.size, a.size, 3), dtype=torch.uint8)
+    if device.type == "cuda":
+        images = images.pin_memory()
+    for n in names:
+        for _ in range(a.warmup):
+            steps[n](images)
+    _sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(a.rounds):
+        for n in names:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                steps[n](images)
+            _sync(device)
+            times[n].append((time.perf_counter() - t0) / a.steps)
+    ref = statistics.median(times[names[0]])
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    for n in names:
+        sec = statistics.median(times[n])
+        ips = a.batch / sec
+        mem = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(json.dumps({
+            "variant": n, "device": device_name, "threads": torch.get_num_threads(), "size": a.size,
+            "batch": a.batch, "width": a.width, "img_per_s": round(ips, 2), "step_ms": round(sec * 1e3, 2),
+            "speedup_vs_reference": round(ref / sec, 3), "model_gflop_per_img": round(flops / 1e9, 3),
+            "mfu": round(flops * ips / peak, 4), "peak_tflops": round(peak / 1e12, 3), "peak_dtype": peak_dtype,
+            "peak_mem_mb": round(mem, 1), "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
+        }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
