@@ -1,8 +1,9 @@
 """Parquet shards of square RGB faces: an offline writer and a plain-pyarrow reader.
 
-A shard set is a directory holding ``part-NNNNN.parquet`` files and ``manifest.json``. Each row
-is one face (``id``, ``image``); with the ``raw`` encoding ``image`` is ``fixed_size_binary``
-holding H*W*3 uint8 bytes (HWC), so a row group decodes with one ``np.frombuffer``.
+A shard set is a directory (local, or on object storage through pyarrow's filesystems) holding
+``part-NNNNN.parquet`` files and ``manifest.json``. Each row is one face (``id``, ``image``).
+With the ``raw`` encoding ``image`` is ``fixed_size_binary`` holding H*W*3 uint8 bytes (HWC),
+so a row group decodes with one ``np.frombuffer``; ``jpeg``/``png``/``webp`` hold encoded files.
 
 The reader's unit of distribution is the row group: every epoch the row groups are permuted
 (seeded), rank r of w takes every w-th, so the ranks' shares are disjoint and together
@@ -13,94 +14,155 @@ re-reading what came before.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from PIL import Image
 
 FORMAT = "facegan-shards/1"
 MANIFEST = "manifest.json"
+ENCODINGS = ("raw", "jpeg", "png", "webp")
+META_KEY = b"facegan"  # Parquet footer key: what a shard was written from (for resume)
 
 
 class ShardError(ValueError):
     """A shard set that cannot be read as it is; the message names the path."""
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def open_fs(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a local path or a URI (``s3://bucket/prefix``).
+
+    For S3-compatible servers other than AWS, set ``AWS_ENDPOINT_URL_S3`` (or append
+    ``?endpoint_override=host:port&scheme=http`` to the URI)."""
+    text = str(uri)
+    if "://" not in text:
+        return pafs.LocalFileSystem(), str(Path(text).resolve())
+    if text.startswith("s3://") and "endpoint_override" not in text and os.environ.get("AWS_ENDPOINT_URL_S3"):
+        endpoint = os.environ["AWS_ENDPOINT_URL_S3"]
+        scheme, _, host = endpoint.partition("://")
+        text += ("&" if "?" in text else "?") + f"endpoint_override={host}&scheme={scheme}"
+    fs, path = pafs.FileSystem.from_uri(text)
+    return fs, path.rstrip("/")
 
 
-def sha256_file(path: Path) -> str:
+def display(fs: pafs.FileSystem, path: str) -> str:
+    return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
+
+
+def is_file(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Complete or absent: a local file is renamed into place; an object store's PUT is
+    already all-or-nothing."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        head, _, name = path.rpartition("/")
+        tmp = f"{head}/.{name}.tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def sha256_file(fs: pafs.FileSystem, path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+    with fs.open_input_stream(path) as f:
+        while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
 
 
-class ShardWriter:
-    """Writes faces to shards; each file appears under its final name only when complete."""
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
 
-    def __init__(self, out_dir: str | Path, image_size: int, rows_per_shard: int = 8192,
+
+class ShardWriter:
+    """Writes faces to shards. Shards can be written by index (the converter, which resumes by
+    skipping finished ones) or streamed with ``add``; the manifest goes last, so a directory
+    without one is an unfinished set."""
+
+    def __init__(self, out: str | Path, image_size: int, encoding: str = "raw", rows_per_shard: int = 8192,
                  row_group_size: int = 256, extra: dict | None = None):
-        self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.size = image_size
-        self.rows_per_shard = rows_per_shard
-        self.row_group_size = row_group_size
+        if encoding not in ENCODINGS:
+            raise ShardError(f"encoding {encoding!r}: expected one of {', '.join(ENCODINGS)}")
+        self.fs, self.path = open_fs(out)
+        self.fs.create_dir(self.path, recursive=True)
+        self.size, self.encoding = image_size, encoding
+        self.rows_per_shard, self.row_group_size = rows_per_shard, row_group_size
         self.extra = extra or {}
-        self._nbytes = image_size * image_size * 3
-        self._schema = pa.schema([("id", pa.string()), ("image", pa.binary(self._nbytes))])
+        nbytes = image_size * image_size * 3
+        image_type = pa.binary(nbytes) if encoding == "raw" else pa.binary()
+        self._schema = pa.schema([("id", pa.string()), ("image", image_type)])
         self._ids: list[str] = []
-        self._images: list[bytes] = []
-        self._shards: list[dict] = []
+        self._blobs: list[bytes] = []
+        self.entries: dict[int, dict] = {}
 
     def add(self, face_id: str, image: np.ndarray) -> None:
         if image.shape != (self.size, self.size, 3) or image.dtype != np.uint8:
             raise ShardError(f"{face_id}: expected uint8 array of shape {(self.size, self.size, 3)}, "
                              f"got {image.dtype} {image.shape}")
         self._ids.append(face_id)
-        self._images.append(image.tobytes())
+        self._blobs.append(encode(image, self.encoding))
         if len(self._ids) >= self.rows_per_shard:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._ids:
-            return
-        name = f"part-{len(self._shards):05d}.parquet"
-        table = pa.table({"id": pa.array(self._ids, pa.string()),
-                          "image": pa.array(self._images, pa.binary(self._nbytes))},
-                         schema=self._schema)
-        final = self.out / name
-        tmp = self.out / f".{name}.tmp"
-        # Already-compressed pixels gain little from zstd; raw uint8 faces gain ~2x.
-        pq.write_table(table, tmp, row_group_size=self.row_group_size, compression="zstd")
-        os.replace(tmp, final)
-        self._shards.append({"file": name, "rows": len(self._ids), "sha256": sha256_file(final)})
-        self._ids, self._images = [], []
+        if self._ids:
+            self.write_shard(len(self.entries), self._ids, self._blobs)
+            self._ids, self._blobs = [], []
 
-    def close(self) -> dict:
+    def write_shard(self, index: int, ids: list[str], blobs: list[bytes], meta: dict | None = None) -> dict:
+        """One complete shard of already-encoded images; ``meta`` goes into its footer."""
+        schema = self._schema.with_metadata({META_KEY: json.dumps(meta or {})})
+        table = pa.table({"id": pa.array(ids, pa.string()), "image": pa.array(blobs, self._schema.field("image").type)},
+                         schema=schema)
+        sink = pa.BufferOutputStream()
+        # Raw pixels gain ~2x from zstd; encoded images gain nothing, so skip the work.
+        pq.write_table(table, sink, row_group_size=self.row_group_size,
+                       compression="zstd" if self.encoding == "raw" else "none")
+        data = sink.getvalue().to_pybytes()
+        write_bytes(self.fs, f"{self.path}/{shard_name(index)}", data)
+        entry = {"file": shard_name(index), "rows": len(ids), "sha256": hashlib.sha256(data).hexdigest()}
+        self.entries[index] = entry
+        return entry
+
+    def close(self, extra: dict | None = None) -> dict:
         self._flush()
+        shards = [self.entries[i] for i in sorted(self.entries)]
         manifest = {
-            "format": FORMAT,
-            "image_size": self.size,
-            "channels": 3,
-            "encoding": "raw",
-            "count": sum(s["rows"] for s in self._shards),
-            "row_group_size": self.row_group_size,
-            "shards": self._shards,
-            **self.extra,
+            "format": FORMAT, "image_size": self.size, "channels": 3, "encoding": self.encoding,
+            "count": sum(s["rows"] for s in shards), "row_group_size": self.row_group_size,
+            "shards": shards, **self.extra, **(extra or {}),
         }
-        # The manifest goes last: a directory without one is an unfinished set.
-        _atomic_write_bytes(self.out / MANIFEST, json.dumps(manifest, indent=2).encode())
+        write_bytes(self.fs, f"{self.path}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
         return manifest
+
+
+def encode(image: np.ndarray, encoding: str, quality: int = 95) -> bytes:
+    if encoding == "raw":
+        return image.tobytes()
+    buf = io.BytesIO()
+    fmt = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[encoding]
+    opts = {"quality": quality} if encoding in ("jpeg", "webp") else {"compress_level": 6}
+    Image.fromarray(image).save(buf, format=fmt, **opts)
+    return buf.getvalue()
+
+
+def decode(blob: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(blob)) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 @dataclass(frozen=True)
@@ -111,51 +173,69 @@ class RowGroup:
 
 
 class ShardSet:
-    """An opened shard set: manifest checked against the files' own Parquet metadata."""
+    """An opened shard set: manifest checked against the files' own Parquet metadata, and
+    (``verify_checksums``) against every file's sha256, so that a truncated or altered shard
+    fails here, by name, rather than mid-training."""
 
-    def __init__(self, path: str | Path, verify_checksums: bool = False):
-        self.path = Path(path)
-        mpath = self.path / MANIFEST
-        if not self.path.is_dir():
+    def __init__(self, uri: str | Path, verify_checksums: bool = False):
+        self.fs, root = open_fs(uri)
+        self.path = display(self.fs, root)
+        info = self.fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
             raise ShardError(f"shard directory {self.path} does not exist")
-        if not mpath.is_file():
-            raise ShardError(f"{mpath}: missing; {self.path} is not a finished shard set "
-                             f"(write one with `python -m datasets.synthetic` or `datasets.celeba`)")
+        mpath = f"{root}/{MANIFEST}"
+        if not is_file(self.fs, mpath):
+            raise ShardError(f"{display(self.fs, mpath)}: missing; {self.path} is not a finished shard set "
+                             f"(write one with `python -m datasets.synthetic` or `python -m datasets.celeba`)")
         try:
-            self.manifest = json.loads(mpath.read_text())
+            with self.fs.open_input_stream(mpath) as f:
+                self.manifest = json.loads(f.read())
         except json.JSONDecodeError as e:
-            raise ShardError(f"{mpath}: not valid JSON ({e})") from None
+            raise ShardError(f"{display(self.fs, mpath)}: not valid JSON ({e})") from None
         if self.manifest.get("format") != FORMAT:
-            raise ShardError(f"{mpath}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+            raise ShardError(f"{display(self.fs, mpath)}: format {self.manifest.get('format')!r}, "
+                             f"expected {FORMAT!r}")
         if not self.manifest.get("shards") or self.manifest.get("count", 0) <= 0:
-            raise ShardError(f"{mpath}: the shard set is empty")
+            raise ShardError(f"{display(self.fs, mpath)}: the shard set is empty")
         self.image_size = int(self.manifest["image_size"])
+        self.encoding = self.manifest.get("encoding", "raw")
         self.files: list[pq.ParquetFile] = []
         self.row_groups: list[RowGroup] = []
         for fi, entry in enumerate(self.manifest["shards"]):
-            fpath = self.path / entry["file"]
-            if not fpath.is_file():
-                raise ShardError(f"{fpath}: listed in the manifest but missing")
-            if verify_checksums and sha256_file(fpath) != entry["sha256"]:
-                raise ShardError(f"{fpath}: sha256 differs from the manifest (altered or truncated)")
+            fpath = f"{root}/{entry['file']}"
+            shown = display(self.fs, fpath)
+            if not is_file(self.fs, fpath):
+                raise ShardError(f"{shown}: listed in the manifest but missing")
+            if verify_checksums and sha256_file(self.fs, fpath) != entry["sha256"]:
+                raise ShardError(f"{shown}: sha256 differs from the manifest (truncated or altered)")
             try:
-                pf = pq.ParquetFile(fpath)
+                pf = pq.ParquetFile(self.fs.open_input_file(fpath))
             except (pa.ArrowInvalid, OSError) as e:
-                raise ShardError(f"{fpath}: not a readable Parquet file ({e})") from None
+                raise ShardError(f"{shown}: not a readable Parquet file ({e})") from None
             if pf.metadata.num_rows != entry["rows"]:
-                raise ShardError(f"{fpath}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
+                raise ShardError(f"{shown}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
             self.files.append(pf)
             md = pf.metadata
             self.row_groups += [RowGroup(fi, i, md.row_group(i).num_rows) for i in range(md.num_row_groups)]
         self.count = sum(rg.rows for rg in self.row_groups)
 
+    _decoder: ThreadPoolExecutor | None = None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._decoder is None:
+            self._decoder = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="decode")
+        return self._decoder
+
     def read(self, rg: RowGroup) -> np.ndarray:
         """One row group as uint8 (rows, H, W, 3)."""
-        col = self.files[rg.file].read_row_group(rg.index, columns=["image"]).column("image")
-        arr = col.combine_chunks()
-        n, nbytes = len(arr), self.image_size * self.image_size * 3
+        arr = self.files[rg.file].read_row_group(rg.index, columns=["image"]).column("image").combine_chunks()
+        size = self.image_size
+        if self.encoding != "raw":
+            # Pillow releases the GIL while decoding: threads scale across cores.
+            return np.stack(list(self._pool().map(decode, arr.to_pylist())))
+        n, nbytes = len(arr), size * size * 3
         data = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=n * nbytes, offset=arr.offset * nbytes)
-        return data.reshape(n, self.image_size, self.image_size, 3)
+        return data.reshape(n, size, size, 3)
 
 
 class ShardReader:

@@ -41,6 +41,7 @@ class DataConfig:
     generated_count: int = 10_000
     # Rows are shuffled within windows of this many row groups (memory vs. mixing).
     shuffle_groups: int = 4
+    verify_checksums: bool = True  # sha256 of every shard against the manifest, before training
 
 
 @dataclass

@@ -41,13 +41,15 @@ def prepare(argv: list[str] | None) -> Plan:
     cfg = validate(load(args.config, rest))
 
     # Workers have another working directory than the driver: pass them absolute paths.
-    cfg.data.path = str(Path(cfg.data.path).resolve())
+    if "://" not in cfg.data.path:
+        cfg.data.path = str(Path(cfg.data.path).resolve())
     storage = Path(cfg.run.storage_path).resolve()
     cfg.run.storage_path = str(storage)
     if cfg.data.source == "generated":
         shards = ensure_generated(cfg.data.path, cfg.data.generated_count, cfg.model.size, cfg.train.seed)
     else:
-        shards = ShardSet(cfg.data.path)
+        # Checksums once, here, before any worker starts: a damaged shard fails by name now.
+        shards = ShardSet(cfg.data.path, verify_checksums=cfg.data.verify_checksums)
     if shards.image_size != cfg.model.size:
         raise ConfigError(f"data.path {cfg.data.path} holds {shards.image_size}px faces but "
                           f"model.size is {cfg.model.size}")
