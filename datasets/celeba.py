@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from datasets.shards import (ENCODINGS, MANIFEST, META_KEY, ShardError, ShardWriter, is_file, open_fs,
+from datasets.shards import (ENCODINGS, MANIFEST, META_KEY, ShardError, ShardWriter, ensure_dir, is_file, open_fs,
                              sha256_file, shard_name, write_bytes)
 
 EXPECTED = (178, 218)
@@ -206,7 +206,7 @@ def convert(a) -> dict:
     source = Source(a.src)
     partition = read_partition(a.partition)
     fs, root = open_fs(a.out)
-    fs.create_dir(root, recursive=True)
+    ensure_dir(fs, root)
     opts = {"size": a.size, "encoding": a.encoding, "quality": a.quality, "crop": a.crop,
             "unexpected_size": a.unexpected_size}
     members = source.members()

@@ -58,6 +58,12 @@ def display(fs: pafs.FileSystem, path: str) -> str:
     return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
 
 
+def ensure_dir(fs: pafs.FileSystem, path: str) -> None:
+    # Object stores have no directories; create_dir there would leave a marker object.
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path, recursive=True)
+
+
 def is_file(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
 
@@ -98,7 +104,7 @@ class ShardWriter:
         if encoding not in ENCODINGS:
             raise ShardError(f"encoding {encoding!r}: expected one of {', '.join(ENCODINGS)}")
         self.fs, self.path = open_fs(out)
-        self.fs.create_dir(self.path, recursive=True)
+        ensure_dir(self.fs, self.path)
         self.size, self.encoding = image_size, encoding
         self.rows_per_shard, self.row_group_size = rows_per_shard, row_group_size
         self.extra = extra or {}

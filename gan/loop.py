@@ -14,7 +14,7 @@ from datasets.shards import ShardReader, ShardSet
 from gan.config import Config, flatten
 from gan.checkpoint import FORMAT_VERSION
 from gan.context import Context, unwrap
-from gan.images import sample_grid_png
+from gan.images import grid, png_bytes, sample_grid_png
 from gan.models import build, sample_z
 from gan.step import Nets, train_step, update_ema
 
@@ -125,6 +125,9 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
             epoch, batch = epoch + 1, 0
             continue
         for images in reader.iter_epoch(epoch, batch):
+            if step == 0:  # what the model is shown, as stored: lets a person check data and crop
+                real = {"samples/real.png": png_bytes(grid(images[:FIXED_SAMPLES]))} if ctx.rank == 0 else None
+                ctx.report(step, {}, artifacts=real)
             x = torch.from_numpy(images).to(ctx.device, non_blocking=True)
             gen.manual_seed(step_seed(t.seed, ctx.rank, step))
             meter.add(train_step(x, nets, cfg.loss, gen))

@@ -26,6 +26,14 @@ def write_indexed(out: Path, count: int, size: int = 64, row_group_size: int = 6
     return out
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ids_of(batch: np.ndarray) -> list[int]:
     p = batch[:, 0, 0, :3].astype(np.int64)
     return list((p[:, 0] << 16) | (p[:, 1] << 8) | p[:, 2])

@@ -47,6 +47,7 @@ def test_epoch_grids_and_final_checkpoint(faces64, tmp_path):
     ctx = LocalContext(tmp_path, resume=False)
     res = train(_cfg(faces64, 40), ctx)
     assert (tmp_path / "samples" / "epoch_001.png").is_file() and (tmp_path / "samples" / "final.png").is_file()
+    assert (tmp_path / "samples" / "real.png").is_file()
     assert ctx.checkpoint_steps == [40] and res.step == 40
     assert [s for s, m in ctx.history if "d_loss" in m] == list(range(3, 40, 3)) + [40]
     st = load_state(tmp_path / CHECKPOINT_FILE)

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from gan.checkpoint import load_state
 from gan.context import CHECKPOINT_FILE
 from jobs import train as train_job
+from tests.conftest import CELEBA_SAMPLE
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -115,7 +116,7 @@ def test_mlflow_run_holds_params_metrics_grids_and_model(straight_run):
     d_real = [m.value for m in client.get_metric_history(run.info.run_id, "d_real")]
     assert all(0 < v < 1 for v in d_real)
     samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert {"samples/epoch_001.png", "samples/final.png"} <= samples
+    assert {"samples/real.png", "samples/epoch_001.png", "samples/final.png"} <= samples
     mlflow.set_tracking_uri(straight_run["tracking_uri"])
     G = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/generator")
     for n in (3, 7):  # any batch size, not the input example's
@@ -195,3 +196,31 @@ def test_killed_worker_resumes_from_last_checkpoint(faces64, tmp_path, mlflow_st
     assert steps == sorted(set(steps)) and steps[-1] == 300  # finished, no duplicate steps
     resumed = [m.value for m in client.get_metric_history(out["run_id"], "resumed_from_step")]
     assert len(resumed) == 1 and resumed[0] >= 20 and resumed[0] % 20 == 0
+
+
+@pytest.mark.skipif(not (CELEBA_SAMPLE / "img_align_celeba.zip").is_file(), reason="needs the CelebA sample")
+def test_short_celeba64_run_logs_real_faces(tmp_path, mlflow_store, root_cwd, capsys):
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from datasets import celeba
+
+    src = tmp_path / "part.zip"
+    with zipfile.ZipFile(CELEBA_SAMPLE / "img_align_celeba.zip") as full, zipfile.ZipFile(src, "w") as z:
+        for name in full.namelist()[:1200]:
+            z.writestr(name, full.read(name))
+    assert celeba.main(["--src", str(src), "--partition", str(CELEBA_SAMPLE / "list_eval_partition.txt"),
+                        "--out", str(tmp_path / "c64"), "--size", "64", "--row-group-size", "64"]) == 0
+    capsys.readouterr()
+    assert train_job.main(["--config", "configs/celeba64.toml", f"--data.path={tmp_path / 'c64' / 'train'}",
+                           f"--run.storage_path={tmp_path / 'runs'}", "--model.width=0.0625",
+                           "--train.max_steps=6", "--train.log_every=3", "--scale.cpus_per_worker=0.5"]) == 0
+    run_id = capsys.readouterr().out.split("run_id: ")[1].split()[0]
+    client = MlflowClient(mlflow_store)
+    assert [m.step for m in client.get_metric_history(run_id, "d_loss")] == [3, 6]
+    real = Image.open(io.BytesIO(open(client.download_artifacts(run_id, "samples/real.png", str(tmp_path)), "rb").read()))
+    pixels = np.asarray(real, dtype=np.float32)
+    assert real.size == (8 * 66 + 2, 8 * 66 + 2) and pixels.std() > 30  # 64 photos, not a blank grid
