@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from gan import perf
 from gan.config import LossConfig, ModelConfig
 from gan.models import build, sample_z
 from gan.step import Nets, train_step
@@ -80,13 +81,16 @@ class ReferenceStep:
 
 
 class ProjectStep:
-    """gan.step.train_step as the training loop calls it."""
+    """gan.step.train_step as the training loop calls it, with the given perf switches."""
 
-    def __init__(self, cfg: ModelConfig, device: torch.device, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, device: torch.device, seed: int = 0, switches: dict | None = None):
         torch.manual_seed(seed)
         G, D = (m.to(device) for m in build(cfg))
-        self.nets = Nets(G, D, D, torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999)),
-                         torch.optim.Adam(D.parameters(), 4e-5, betas=(0.5, 0.999)), cfg.z_dim)
+        on = {name: False for name in perf.SWITCHES} | (switches or {})
+        perf.set_layout(G, D, on)
+        opt_g, opt_d = perf.adam(G.parameters(), 2e-4, (0.5, 0.999), on), perf.adam(D.parameters(), 4e-5, (0.5, 0.999), on)
+        perf.compile_models(G, D, on)
+        self.nets = Nets(G, D, D, opt_g, opt_d, cfg.z_dim, perf.autocast_factory(on, device))
         self.gen = torch.Generator(device=device)
         self.device, self.step, self.loss_cfg = device, 0, LossConfig()
 
@@ -96,7 +100,15 @@ class ProjectStep:
         train_step(images_u8.to(self.device, non_blocking=True), self.nets, self.loss_cfg, self.gen)
 
 
-VARIANTS = {"eager_fp32_reference": ReferenceStep, "project_step": ProjectStep}
+def _project(**switches):
+    return lambda cfg, device: ProjectStep(cfg, device, switches=switches)
+
+
+# The project's step with every switch off, each one on by itself, then all of them on.
+VARIANTS = {"eager_fp32_reference": ReferenceStep, "project_step": _project()}
+VARIANTS |= {f"project+{name}": _project(**{name: True}) for name in perf.SWITCHES}
+VARIANTS["project+all"] = _project(**{name: True for name in perf.SWITCHES})
+CPU_DEFAULT = ["eager_fp32_reference", "project_step", "project+channels_last", "project+bf16"]
 
 
 def count_flops_per_image(cfg: ModelConfig, device: torch.device, batch: int) -> float:
@@ -116,13 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated, from: {', '.join(VARIANTS)} (default: all on CUDA, "
+                        f"{', '.join(CPU_DEFAULT)} on CPU)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     cfg = ModelConfig(size=a.size, width=a.width)
     peak, peak_dtype = matmul_peak(device)
     flops = count_flops_per_image(cfg, device, min(a.batch, 8))
-    names = a.variants.split(",")
+    names = a.variants.split(",") if a.variants else (list(VARIANTS) if device.type == "cuda" else CPU_DEFAULT)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     steps = {n: VARIANTS[n](cfg, device) for n in names}
     images = torch.randint(0, 256, (a.batch, a.size, a.size, 3), dtype=torch.uint8)
     if device.type == "cuda":

@@ -72,6 +72,17 @@ class TrainConfig:
 
 
 @dataclass
+class PerfConfig:
+    # "auto": on for CUDA, off elsewhere; "on"; "off". See gan/perf.py.
+    bf16: str = "auto"
+    channels_last: str = "auto"
+    compile: str = "auto"
+    fused_adam: str = "auto"
+    tf32: str = "auto"
+    prefetch: int = 4  # batches read and decoded ahead in a background thread (0: off)
+
+
+@dataclass
 class ScaleConfig:
     num_workers: int = 2
     use_gpu: bool = False
@@ -95,6 +106,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     run: RunSection = field(default_factory=RunSection)
 
@@ -227,6 +239,10 @@ def validate(cfg: Config) -> Config:
         (sc.max_failures >= -1, "scale.max_failures", "must be >= -1 (-1: unlimited)"),
         (cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1"),
     ]
+    for name in ("bf16", "channels_last", "compile", "fused_adam", "tf32"):
+        value = getattr(cfg.perf, name)
+        checks.append((value in ("auto", "on", "off"), f"perf.{name}", f"must be auto, on or off, got {value!r}"))
+    checks.append((cfg.perf.prefetch >= 0, "perf.prefetch", "must be >= 0"))
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")

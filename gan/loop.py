@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from datasets.shards import ShardReader, ShardSet
+from datasets.shards import ShardReader, ShardSet, prefetch
+from gan import perf
 from gan.config import Config, flatten
 from gan.checkpoint import FORMAT_VERSION
 from gan.context import Context, unwrap
@@ -81,10 +82,12 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     G, D = build(cfg.model)
     G, D = G.to(ctx.device), D.to(ctx.device)
+    on = perf.resolve(cfg.perf, ctx.device)
+    perf.set_layout(G, D, on)
     ema = copy.deepcopy(G).requires_grad_(False) if t.ema_decay > 0 else None
     betas = (cfg.optim.beta1, cfg.optim.beta2)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
+    opt_g = perf.adam(G.parameters(), cfg.optim.lr_g, betas, on)
+    opt_d = perf.adam(D.parameters(), cfg.optim.lr_d, betas, on)
 
     step, epoch, batch, resumed_from = 0, 0, 0, None
     state = ctx.load_checkpoint()
@@ -109,7 +112,13 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
             "config": flatten(cfg),
         }
 
-    nets = Nets(ctx.wrap(G), ctx.wrap(D), D, opt_g, opt_d, cfg.model.z_dim)
+    perf.compile_models(G, D, on)
+    nets = Nets(ctx.wrap(G), ctx.wrap(D), D, opt_g, opt_d, cfg.model.z_dim, perf.autocast_factory(on, ctx.device))
+    pin = ctx.device.type == "cuda"
+
+    def to_tensor(images):  # in the prefetch thread: page-locked so the copy can be async
+        x = torch.from_numpy(images)
+        return (images, x.pin_memory() if pin else x)
     sampler = ema if ema is not None else G
     fixed_z = sample_z(FIXED_SAMPLES, cfg.model.z_dim, torch.Generator().manual_seed(t.seed)).to(ctx.device)
     gen = torch.Generator(device=ctx.device)
@@ -124,11 +133,11 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
         if batch >= reader.steps_in_epoch(epoch):
             epoch, batch = epoch + 1, 0
             continue
-        for images in reader.iter_epoch(epoch, batch):
+        for images, host in prefetch(reader.iter_epoch(epoch, batch), cfg.perf.prefetch, to_tensor):
             if step == 0:  # what the model is shown, as stored: lets a person check data and crop
                 real = {"samples/real.png": png_bytes(grid(images[:FIXED_SAMPLES]))} if ctx.rank == 0 else None
                 ctx.report(step, {}, artifacts=real)
-            x = torch.from_numpy(images).to(ctx.device, non_blocking=True)
+            x = host.to(ctx.device, non_blocking=True)
             gen.manual_seed(step_seed(t.seed, ctx.rank, step))
             meter.add(train_step(x, nets, cfg.loss, gen))
             if ema is not None:

@@ -1,7 +1,9 @@
 """One training step: the D update, then the G update, on one local batch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -21,6 +23,8 @@ class Nets:
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     z_dim: int
+    # Wraps the forward passes (bf16 autocast, see gan/perf.py); losses are taken in fp32.
+    autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
 
 
 def to_unit_range(images_u8: torch.Tensor) -> torch.Tensor:
@@ -49,7 +53,9 @@ def d_step(x: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor, nets: Nets
     # Real and fake go through D in two passes, as in the seed (BN statistics per pass); the
     # DDP wrapper has broadcast_buffers=False, so the second pass does not trip autograd.
     nets.opt_d.zero_grad(set_to_none=True)
-    loss, stats = d_loss(nets.D(x), nets.D(fake.detach()), labels)
+    with nets.autocast():
+        real_logits, fake_logits = nets.D(x), nets.D(fake.detach())
+    loss, stats = d_loss(real_logits.float(), fake_logits.float(), labels)
     loss.backward()
     nets.opt_d.step()
     return stats
@@ -59,7 +65,9 @@ def g_step(fake: torch.Tensor, nets: Nets) -> dict:
     """Updates G only. D's gradients are not wanted, so the pass goes through the unwrapped D
     (nothing to all-reduce) and ``inputs=`` keeps autograd from computing D's weight grads."""
     nets.opt_g.zero_grad(set_to_none=True)
-    loss, stats = g_loss(nets.D_raw(fake))
+    with nets.autocast():
+        logits = nets.D_raw(fake)
+    loss, stats = g_loss(logits.float())
     loss.backward(inputs=list(nets.G.parameters()))
     nets.opt_g.step()
     return stats
@@ -71,7 +79,8 @@ def train_step(images_u8: torch.Tensor, nets: Nets, cfg: LossConfig,
     randomness comes from ``gen``, so a step can be replayed exactly."""
     x, aug_stats = augment_real(to_unit_range(images_u8), cfg, gen)
     labels = real_labels(x.shape[0], cfg, gen, x.device)
-    fake = nets.G(sample_z(x.shape[0], nets.z_dim, gen, x.device))
+    with nets.autocast():
+        fake = nets.G(sample_z(x.shape[0], nets.z_dim, gen, x.device))
     stats = d_step(x, fake, labels, nets)
     stats.update(g_step(fake, nets))
     return {**stats, **aug_stats, "label_min": labels.min().detach(), "label_max": labels.max().detach()}

@@ -93,11 +93,11 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
-    def log_generator(self, G, z_dim: int) -> None:
-        log_generator(self.uri, self.run_id, G, z_dim)
+    def log_generator(self, G, model_cfg) -> None:
+        log_generator(self.uri, self.run_id, G, model_cfg)
 
 
-def log_generator(tracking_uri: str, run_id: str, G, z_dim: int) -> None:
+def log_generator(tracking_uri: str, run_id: str, G, model_cfg) -> None:
     """The generator as an MLflow PyTorch model that runs at any batch size.
 
     MLflow 3 defaults to the pt2 format, which exports the graph traced at the input
@@ -109,7 +109,12 @@ def log_generator(tracking_uri: str, run_id: str, G, z_dim: int) -> None:
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    G = G.to("cpu").eval()
+    from gan.models import Generator
+
+    # A fresh module with the trained weights: no compiled forward, device or layout in it.
+    clean = Generator(model_cfg)
+    clean.load_state_dict({k: v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()})
+    G, z_dim = clean.eval(), model_cfg.z_dim
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, z_dim))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, G.size, G.size))]))
     example = (torch.rand(2, z_dim) * 2 - 1).numpy()

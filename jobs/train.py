@@ -81,7 +81,7 @@ def train_worker(loop_config: dict) -> None:
     ctx = RayTrainContext(tracker)
     result = train(cfg, ctx)
     if tracker is not None:
-        tracker.log_generator(result.generator, cfg.model.z_dim)
+        tracker.log_generator(result.generator, cfg.model)
         tracker.set_tags({"facegan.final_step": str(result.step)})
 
 
