@@ -72,6 +72,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_steps: int = 0  # FID/KID every N steps and at the end; 0 turns evaluation off
+    num_samples: int = 2000
+    metric: str = "fid"  # "fid" or "kid": which one picks the best generator
+    extractor: str = "inception"  # "inception", "pixels" or "module:factory" (gan/evaluate.py)
+    inception_weights: str = ""  # local weights file (offline); env FACEGAN_INCEPTION_WEIGHTS
+    real_path: str = ""  # held-out shards; empty: the "val" set beside data.path, else data.path
+    batch_size: int = 100
+    kid_subset_size: int = 1000
+    register_as: str = ""  # register the best generator under this model name
+    audit_samples: int = 0  # > 0: memorization audit of the final generator with this many samples
+
+
+@dataclass
 class PerfConfig:
     # "auto": on for CUDA, off elsewhere; "on"; "off". See gan/perf.py.
     bf16: str = "auto"
@@ -106,6 +120,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     run: RunSection = field(default_factory=RunSection)
@@ -243,6 +258,15 @@ def validate(cfg: Config) -> Config:
         value = getattr(cfg.perf, name)
         checks.append((value in ("auto", "on", "off"), f"perf.{name}", f"must be auto, on or off, got {value!r}"))
     checks.append((cfg.perf.prefetch >= 0, "perf.prefetch", "must be >= 0"))
+    e = cfg.eval
+    checks += [
+        (e.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: off)"),
+        (e.num_samples >= 2 * sc.num_workers, "eval.num_samples", f"must be >= 2 per worker, got {e.num_samples}"),
+        (e.metric in ("fid", "kid"), "eval.metric", f"must be fid or kid, got {e.metric!r}"),
+        (e.extractor in ("inception", "pixels") or ":" in e.extractor, "eval.extractor",
+         f"must be inception, pixels or module:factory, got {e.extractor!r}"),
+        (e.batch_size >= 1 and e.kid_subset_size >= 2, "eval.batch_size/kid_subset_size", "must be positive"),
+    ]
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")

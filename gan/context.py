@@ -32,10 +32,10 @@ class Context(Protocol):
     def load_checkpoint(self) -> dict[str, Any] | None: ...
 
     def report(self, step: int, metrics: dict[str, float], checkpoint: StateFn | None = None,
-               artifacts: dict[str, bytes] | None = None) -> None:
+               artifacts: dict[str, bytes] | None = None, model: nn.Module | None = None) -> None:
         """Called by every rank at the same steps. ``checkpoint`` is a function so that only
         the rank that writes pays for building the state; ``artifacts`` maps a relative path
-        (``samples/epoch_001.png``) to bytes."""
+        (``samples/epoch_001.png``) to bytes; ``model`` is a new best generator to publish."""
 
     def should_stop(self) -> bool:
         """Must agree across ranks, or the ranks' collectives fall out of step."""
@@ -96,16 +96,20 @@ class LocalContext(TorchDistributedContext):
         self.resume = resume
         self.history: list[tuple[int, dict[str, float]]] = []
         self.checkpoint_steps: list[int] = []
+        self.best_steps: list[int] = []
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         path = self.out / CHECKPOINT_FILE
         return load_state(path) if self.resume and path.is_file() else None
 
-    def report(self, step, metrics, checkpoint=None, artifacts=None) -> None:
+    def report(self, step, metrics, checkpoint=None, artifacts=None, model=None) -> None:
         if metrics:
             self.history.append((step, dict(metrics)))
         if self.rank != 0:
             return
+        if model is not None:
+            save_state({"step": step, "G": model.state_dict(), "format": 1}, self.out / "best_generator.pt")
+            self.best_steps.append(step)
         if checkpoint is not None:
             save_state(checkpoint(), self.out / CHECKPOINT_FILE)
             self.checkpoint_steps.append(step)

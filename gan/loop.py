@@ -15,6 +15,7 @@ from gan import perf
 from gan.config import Config, flatten
 from gan.checkpoint import FORMAT_VERSION
 from gan.context import Context, unwrap
+from gan.evaluate import Evaluator, build_extractor, warn_once
 from gan.images import grid, png_bytes, sample_grid_png
 from gan.models import build, sample_z
 from gan.step import Nets, train_step, update_ema
@@ -29,6 +30,7 @@ class TrainResult:
     discriminator: nn.Module  # unwrapped
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int | None = None
+    best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best evaluated generator
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -36,6 +38,33 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     noise, labels and flips the uninterrupted run would have, with no generator state to carry."""
     digest = hashlib.blake2b(f"{seed}/{rank}/{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def real_path(cfg: Config) -> str:
+    """Held-out faces for FID: eval.real_path, else the 'val' set beside a '.../train' data.path."""
+    if cfg.eval.real_path:
+        return cfg.eval.real_path
+    head, _, tail = cfg.data.path.rstrip("/").rpartition("/")
+    if tail == "train":
+        try:
+            ShardSet(f"{head}/val")
+            return f"{head}/val"
+        except ValueError:
+            pass
+    warn_once(f"eval: no held-out set beside {cfg.data.path}; FID is measured against the training faces")
+    return cfg.data.path
+
+
+def make_evaluator(cfg: Config, ctx: Context) -> Evaluator | None:
+    e = cfg.eval
+    if e.every_steps <= 0:
+        return None
+    extractor = build_extractor(e.extractor, e.inception_weights)
+    if extractor is None:
+        return None
+    cache = f"{cfg.run.storage_path}/feature_cache"
+    return Evaluator(extractor, ShardSet(real_path(cfg)), e.num_samples, ctx.rank, ctx.world_size, ctx.device,
+                     cache, f"{e.extractor}|{e.inception_weights}", e.batch_size, e.kid_subset_size, cfg.train.seed)
 
 
 def total_steps(reader: ShardReader, cfg: Config) -> int:
@@ -90,6 +119,7 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
     opt_d = perf.adam(D.parameters(), cfg.optim.lr_d, betas, on)
 
     step, epoch, batch, resumed_from = 0, 0, 0, None
+    best: dict[str, Any] | None = None
     state = ctx.load_checkpoint()
     if state is not None:
         G.load_state_dict(state["G"])
@@ -100,6 +130,7 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"]["torch_cpu"])
         step, epoch, batch = state["step"], state["data"]["epoch"], state["data"]["batch"]
+        best = state.get("best")
         resumed_from = step
 
     def capture() -> dict[str, Any]:
@@ -107,7 +138,7 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
             "format": FORMAT_VERSION, "step": step, "data": {"epoch": epoch, "batch": batch},
             "G": G.state_dict(), "D": D.state_dict(),
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
+            "ema": ema.state_dict() if ema is not None else None, "best": best,
             "rng": {"torch_cpu": torch.get_rng_state(), "step_seed": "blake2b(seed/rank/step)"},
             "config": flatten(cfg),
         }
@@ -123,6 +154,16 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
     fixed_z = sample_z(FIXED_SAMPLES, cfg.model.z_dim, torch.Generator().manual_seed(t.seed)).to(ctx.device)
     gen = torch.Generator(device=ctx.device)
     meter, metrics = _Meter(), {}
+    evaluator = make_evaluator(cfg, ctx)
+
+    def evaluate() -> None:
+        nonlocal best
+        scores = evaluator(sampler)
+        value = scores[cfg.eval.metric]
+        improved = best is None or value < best["value"]
+        if improved:
+            best = {"metric": cfg.eval.metric, "value": value, "step": step}
+        ctx.report(step, scores, model=sampler if improved and ctx.rank == 0 else None)
     if resumed_from is not None:
         ctx.report(step, {"resumed_from_step": float(step)})
 
@@ -144,6 +185,8 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
                 update_ema(ema, G, t.ema_decay)
             step, batch = step + 1, batch + 1
             log_now, ckpt_now = step % t.log_every == 0, step % t.checkpoint_every == 0 or step == total
+            if evaluator is not None and (step % cfg.eval.every_steps == 0 or step == total):
+                evaluate()  # before the checkpoint, so that it carries the best so far
             if log_now or ckpt_now or step == total:
                 metrics = {**meter.flush(ctx, t.batch_size), "epoch": float(epoch)}
                 ctx.report(step, metrics, checkpoint=capture if ckpt_now else None)
@@ -152,4 +195,4 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
         if batch >= reader.steps_in_epoch(epoch):
             ctx.report(step, {}, artifacts=grid_artifact(f"epoch_{epoch + 1:03d}"))
     ctx.report(step, {}, artifacts=grid_artifact("final"))
-    return TrainResult(step, unwrap(nets.G) if ema is None else ema, D, metrics, resumed_from)
+    return TrainResult(step, unwrap(nets.G) if ema is None else ema, D, metrics, resumed_from, best)

@@ -14,8 +14,9 @@ from jobs.tracking import Tracker
 
 
 class RayTrainContext(TorchDistributedContext):
-    def __init__(self, tracker: Tracker | None):
+    def __init__(self, tracker: Tracker | None, model_cfg=None, register_as: str = ""):
         super().__init__(ray.train.torch.get_device())
+        self.model_cfg, self.register_as = model_cfg, register_as
         # TorchTrainer has set up the process group; these agree with torch.distributed.
         ctx = ray.train.get_context()
         assert self.rank == ctx.get_world_rank() and self.world_size == ctx.get_world_size()
@@ -28,11 +29,14 @@ class RayTrainContext(TorchDistributedContext):
         with ckpt.as_directory() as d:
             return load_state(Path(d) / CHECKPOINT_FILE)
 
-    def report(self, step, metrics, checkpoint=None, artifacts=None) -> None:
+    def report(self, step, metrics, checkpoint=None, artifacts=None, model=None) -> None:
         if self.tracker is not None:
             self.tracker.log_metrics(step, metrics)
             if artifacts:
                 self.tracker.log_artifacts(artifacts)
+            if model is not None:
+                self.tracker.log_generator(model, self.model_cfg, step=step, metrics=metrics,
+                                           register_as=self.register_as)
         if checkpoint is None:
             if metrics:
                 ray.train.report({**metrics, "step": step})

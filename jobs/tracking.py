@@ -93,11 +93,15 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
-    def log_generator(self, G, model_cfg) -> None:
-        log_generator(self.uri, self.run_id, G, model_cfg)
+    def log_generator(self, G, model_cfg, step: int | None = None, metrics: dict | None = None,
+                      register_as: str = "") -> None:
+        log_generator(self.uri, self.run_id, G, model_cfg, register_as)
+        tags = {"facegan.generator_step": str(step)} if step is not None else {}
+        tags |= {f"facegan.generator_{k}": f"{v:.6g}" for k, v in (metrics or {}).items() if k in ("fid", "kid")}
+        self.set_tags(tags)
 
 
-def log_generator(tracking_uri: str, run_id: str, G, model_cfg) -> None:
+def log_generator(tracking_uri: str, run_id: str, G, model_cfg, register_as: str = "") -> None:
     """The generator as an MLflow PyTorch model that runs at any batch size.
 
     MLflow 3 defaults to the pt2 format, which exports the graph traced at the input
@@ -123,4 +127,5 @@ def log_generator(tracking_uri: str, run_id: str, G, model_cfg) -> None:
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         mlflow.pytorch.log_model(G, name=MODEL_PATH, serialization_format="pickle", signature=signature,
                                  input_example=example, code_paths=[gan_dir],
+                                 registered_model_name=register_as or None,
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

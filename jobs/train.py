@@ -78,11 +78,20 @@ def train_worker(loop_config: dict) -> None:
     cfg = from_flat(loop_config["config"])
     rank0 = ray.train.get_context().get_world_rank() == 0
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank0 else None
-    ctx = RayTrainContext(tracker)
+    ctx = RayTrainContext(tracker, cfg.model, cfg.eval.register_as)
     result = train(cfg, ctx)
     if tracker is not None:
-        tracker.log_generator(result.generator, cfg.model)
+        if result.best is None:  # no evaluation: the final generator is the model
+            tracker.log_generator(result.generator, cfg.model, step=result.step, register_as=cfg.eval.register_as)
+        else:
+            tracker.set_tags({"facegan.best_step": str(result.best["step"]),
+                              f"facegan.best_{result.best['metric']}": f"{result.best['value']:.6g}"})
         tracker.set_tags({"facegan.final_step": str(result.step)})
+        if cfg.eval.audit_samples > 0:
+            from jobs.audit import log_audit, run_audit
+
+            report, picture = run_audit(cfg, result.generator, cfg.eval.audit_samples)
+            log_audit(tracker, report, picture, step=result.step)
 
 
 def build_trainer(plan: Plan, tracking_uri: str, run_id: str):
