@@ -126,6 +126,10 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
         D.load_state_dict(state["D"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
+        # The config, not the checkpoint, says the LRs: a PBT exploit changes them on restart.
+        for opt, lr in ((opt_g, cfg.optim.lr_g), (opt_d, cfg.optim.lr_d)):
+            for group in opt.param_groups:
+                group["lr"], group["betas"] = lr, betas
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"]["torch_cpu"])
@@ -156,14 +160,16 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
     meter, metrics = _Meter(), {}
     evaluator = make_evaluator(cfg, ctx)
 
-    def evaluate() -> None:
+    def evaluate() -> tuple[dict[str, float], nn.Module | None]:
+        """Scores, and the generator to publish when they are the best so far (rank 0)."""
         nonlocal best
         scores = evaluator(sampler)
         value = scores[cfg.eval.metric]
         improved = best is None or value < best["value"]
         if improved:
             best = {"metric": cfg.eval.metric, "value": value, "step": step}
-        ctx.report(step, scores, model=sampler if improved and ctx.rank == 0 else None)
+        return scores, sampler if improved and ctx.rank == 0 else None
+
     if resumed_from is not None:
         ctx.report(step, {"resumed_from_step": float(step)})
 
@@ -185,11 +191,16 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
                 update_ema(ema, G, t.ema_decay)
             step, batch = step + 1, batch + 1
             log_now, ckpt_now = step % t.log_every == 0, step % t.checkpoint_every == 0 or step == total
+            scores, publish = {}, None
             if evaluator is not None and (step % cfg.eval.every_steps == 0 or step == total):
-                evaluate()  # before the checkpoint, so that it carries the best so far
+                scores, publish = evaluate()  # before the checkpoint, so that it carries the best so far
+            # Scores travel in the same report as the step's checkpoint: a scheduler that acts
+            # on a score (PBT) finds the matching checkpoint with it.
             if log_now or ckpt_now or step == total:
-                metrics = {**meter.flush(ctx, t.batch_size), "epoch": float(epoch)}
-                ctx.report(step, metrics, checkpoint=capture if ckpt_now else None)
+                metrics = {**meter.flush(ctx, t.batch_size), "epoch": float(epoch), **scores}
+                ctx.report(step, metrics, checkpoint=capture if ckpt_now else None, model=publish)
+            elif scores:
+                ctx.report(step, scores, model=publish)
             if step >= total or ctx.should_stop():
                 break
         if batch >= reader.steps_in_epoch(epoch):

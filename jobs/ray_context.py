@@ -14,9 +14,14 @@ from jobs.tracking import Tracker
 
 
 class RayTrainContext(TorchDistributedContext):
-    def __init__(self, tracker: Tracker | None, model_cfg=None, register_as: str = ""):
+    def __init__(self, tracker: Tracker | None, model_cfg=None, register_as: str = "",
+                 init_checkpoint: str | None = None):
         super().__init__(ray.train.torch.get_device())
         self.model_cfg, self.register_as = model_cfg, register_as
+        # Where to start when this Train run has no checkpoint of its own (a Tune trial
+        # restarted from a donor's or its own earlier checkpoint).
+        self.init_checkpoint = init_checkpoint
+        self.last_scores: dict[str, float] = {}
         # TorchTrainer has set up the process group; these agree with torch.distributed.
         ctx = ray.train.get_context()
         assert self.rank == ctx.get_world_rank() and self.world_size == ctx.get_world_size()
@@ -25,7 +30,7 @@ class RayTrainContext(TorchDistributedContext):
     def load_checkpoint(self):
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            return None
+            return load_state(Path(self.init_checkpoint) / CHECKPOINT_FILE) if self.init_checkpoint else None
         with ckpt.as_directory() as d:
             return load_state(Path(d) / CHECKPOINT_FILE)
 
@@ -37,6 +42,9 @@ class RayTrainContext(TorchDistributedContext):
             if model is not None:
                 self.tracker.log_generator(model, self.model_cfg, step=step, metrics=metrics,
                                            register_as=self.register_as)
+        self.last_scores |= {k: v for k, v in metrics.items() if k in ("fid", "kid")}
+        # Schedulers read the latest quality with every report; MLflow gets each score once.
+        metrics = {**metrics, **self.last_scores}
         if checkpoint is None:
             if metrics:
                 ray.train.report({**metrics, "step": step})

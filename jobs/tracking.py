@@ -41,7 +41,7 @@ def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, run_dir: str, params: dict,
-              resume: bool) -> str:
+              resume: bool, parent_run_id: str | None = None) -> str:
     """Creates the run (params logged once) or, on resume, finds the one for ``run_dir``."""
     client = MlflowClient(tracking_uri)
     exp_id = _experiment_id(client, experiment, tracking_uri)
@@ -51,7 +51,10 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, run_dir: str, p
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_DIR_TAG: run_dir, RUN_NAME_TAG: run_name})
+    tags = {RUN_DIR_TAG: run_dir, RUN_NAME_TAG: run_name}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # shows as nested under the sweep in the UI
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
     items = [Param(k, str(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i:i + 100])

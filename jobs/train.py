@@ -78,7 +78,10 @@ def train_worker(loop_config: dict) -> None:
     cfg = from_flat(loop_config["config"])
     rank0 = ray.train.get_context().get_world_rank() == 0
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank0 else None
-    ctx = RayTrainContext(tracker, cfg.model, cfg.eval.register_as)
+    ctx = RayTrainContext(tracker, cfg.model, cfg.eval.register_as, loop_config.get("init_checkpoint"))
+    if tracker is not None and loop_config.get("hp"):  # a sweep trial: its current hyper-parameters
+        tracker.set_tags({f"hp.{k}": f"{v:.6g}" if isinstance(v, float) else str(v)
+                          for k, v in loop_config["hp"].items()})
     result = train(cfg, ctx)
     if tracker is not None:
         if result.best is None:  # no evaluation: the final generator is the model
@@ -94,7 +97,7 @@ def train_worker(loop_config: dict) -> None:
             log_audit(tracker, report, picture, step=result.step)
 
 
-def build_trainer(plan: Plan, tracking_uri: str, run_id: str):
+def build_trainer(plan: Plan, tracking_uri: str, run_id: str, extra: dict | None = None, callbacks=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -102,7 +105,8 @@ def build_trainer(plan: Plan, tracking_uri: str, run_id: str):
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": flatten(plan.cfg), "tracking_uri": tracking_uri, "run_id": run_id},
+        train_loop_config={"config": flatten(plan.cfg), "tracking_uri": tracking_uri, "run_id": run_id,
+                           **(extra or {})},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -110,6 +114,7 @@ def build_trainer(plan: Plan, tracking_uri: str, run_id: str):
             storage_path=plan.storage_path,
             failure_config=FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=plan.cfg.run.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
 

@@ -1,0 +1,321 @@
+"""Ray Tune sweeps over the LR asymmetry and the label-smoothing range, judged by FID/KID.
+
+    python -m jobs.tune --config configs/smoke.toml --sweep configs/sweeps/smoke.toml [--section.field=value ...]
+    python -m jobs.tune ... --resume          # continue an interrupted sweep (Tuner.restore)
+
+Each trial is a Ray Train run (its own workers) launched from a Tune function trainable.
+The sweep file (see configs/sweeps/) picks the search space over config fields by name, plus
+two derived ones: ``optim.lr_ratio`` (lr_d = ratio * lr_g) and ``loss.real_label_hi_frac``
+(hi = lo + frac * (1 - lo), so hi is always in [lo, 1]). The objective is ``sweep.metric``
+(fid or kid) from the evaluation, minimised. MLflow: one parent run per sweep, a child run
+per trial, the best trial tagged, ``results.csv`` and ``best_config.toml`` on the parent.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import math
+import sys
+import threading
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gan.config import Config, ConfigError, apply, flatten, from_flat, load, validate
+
+DERIVED = {"optim.lr_ratio", "loss.real_label_hi_frac"}
+KINDS = ("loguniform", "uniform", "choice")
+TRIAL_CPU = 0.01
+
+
+@dataclass
+class Sweep:
+    name: str
+    num_samples: int = 4
+    scheduler: str = "asha"  # asha | pbt
+    search: str = "random"  # random | optuna
+    metric: str = "fid"
+    max_concurrent: int = 0  # 0: what the cluster holds
+    grace_period: int = 100  # ASHA, in steps
+    reduction_factor: int = 2
+    perturbation_interval: int = 500  # PBT, in steps
+    space: dict = field(default_factory=dict)
+
+
+def load_sweep(path: str) -> Sweep:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    doc = tomllib.loads(p.read_text())
+    opts, space = doc.get("sweep", {}), doc.get("space", {})
+    known = set(Sweep.__dataclass_fields__) - {"space"}
+    for k in opts:
+        if k not in known:
+            raise ConfigError(f"{path}: unknown [sweep] key {k!r}; known: {', '.join(sorted(known))}")
+    sweep = Sweep(name=opts.get("name", p.stem), space=space, **{k: v for k, v in opts.items() if k != "name"})
+    fields = set(flatten(Config())) | DERIVED
+    if not space:
+        raise ConfigError(f"{path}: [space] is empty; name at least one field to search")
+    for key, spec in space.items():
+        where = f"{path}: space.{key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown field; expected section.field from the config or "
+                              f"{', '.join(sorted(DERIVED))}")
+        kind = spec.get("type")
+        if kind not in KINDS:
+            raise ConfigError(f"{where}: type must be one of {', '.join(KINDS)}, got {kind!r}")
+        if kind == "choice":
+            if not spec.get("values"):
+                raise ConfigError(f"{where}: empty choice")
+        elif not spec.get("low", 0) < spec.get("high", 0) or (kind == "loguniform" and spec["low"] <= 0):
+            raise ConfigError(f"{where}: empty or invalid range low={spec.get('low')} high={spec.get('high')}")
+    lo, frac = space.get("loss.real_label_lo"), space.get("loss.real_label_hi_frac")
+    if lo and lo.get("type") != "choice" and not (0 <= lo["low"] and lo["high"] <= 1):
+        raise ConfigError(f"{path}: space.loss.real_label_lo must lie in [0, 1]")
+    if frac and frac.get("type") != "choice" and not (0 <= frac["low"] and frac["high"] <= 1):
+        raise ConfigError(f"{path}: space.loss.real_label_hi_frac must lie in [0, 1]")
+    hi = space.get("loss.real_label_hi")
+    if lo and hi and "choice" not in (lo.get("type"), hi.get("type")) and lo["high"] > hi["low"]:
+        raise ConfigError(f"{path}: space.loss.real_label_lo (up to {lo['high']}) can exceed "
+                          f"space.loss.real_label_hi (from {hi['low']}): lo > hi; search "
+                          f"loss.real_label_hi_frac instead, which keeps hi in [lo, 1]")
+    if "loss.real_label_hi" in space and "loss.real_label_hi_frac" in space:
+        raise ConfigError(f"{path}: search loss.real_label_hi or loss.real_label_hi_frac, not both")
+    for check, msg in ((sweep.scheduler in ("asha", "pbt"), "scheduler must be asha or pbt"),
+                       (sweep.search in ("random", "optuna"), "search must be random or optuna"),
+                       (sweep.metric in ("fid", "kid"), "metric must be fid or kid"),
+                       (sweep.num_samples >= 1, "num_samples must be >= 1")):
+        if not check:
+            raise ConfigError(f"{path}: [sweep] {msg}")
+    return sweep
+
+
+def trial_config(base: dict, hp: dict) -> Config:
+    """The trial's config: base, then searched fields, then the derived ones."""
+    plain = {k: v for k, v in hp.items() if k not in DERIVED}
+    cfg = apply(from_flat(base), plain)
+    if "optim.lr_ratio" in hp:
+        cfg.optim.lr_d = cfg.optim.lr_g * hp["optim.lr_ratio"]
+    if "loss.real_label_hi_frac" in hp:
+        lo = cfg.loss.real_label_lo
+        cfg.loss.real_label_hi = min(1.0, lo + hp["loss.real_label_hi_frac"] * (1 - lo))
+    return validate(cfg)
+
+
+def tune_space(sweep: Sweep) -> dict:
+    from ray import tune
+
+    make = {"loguniform": lambda s: tune.loguniform(s["low"], s["high"]),
+            "uniform": lambda s: tune.uniform(s["low"], s["high"]),
+            "choice": lambda s: tune.choice(s["values"])}
+    return {k: make[s["type"]](s) for k, s in sweep.space.items()}
+
+
+def trainable(config: dict) -> None:
+    """One trial: a Ray Train run whose reports (and checkpoints) are handed to Tune."""
+    import ray.train
+    from ray import tune
+    from ray.train import Checkpoint, RunConfig
+    from ray.train.v2.api.callback import UserCallback
+    from ray.util.queue import Queue
+
+    from jobs.tracking import start_run
+    from jobs.train import Plan, build_trainer
+
+    hp = {k: v for k, v in config.items() if not k.startswith("_")}
+    cfg = trial_config(config["_base"], hp)
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    donor = tune.get_checkpoint()
+    # A restart from a checkpoint (PBT exploit, sweep restore) is a new Train run: deterministic
+    # name, no timestamps, and it starts from that checkpoint instead of its own storage.
+    init = donor.path if donor is not None else None
+    run_name = trial_id if init is None else f"{trial_id}-from-{hashlib.sha256(init.encode()).hexdigest()[:8]}"
+    cfg.run.name = run_name
+    params = {**hp, "optim.lr_d": cfg.optim.lr_d, "loss.real_label_hi": cfg.loss.real_label_hi}
+    run_id = start_run(config["_uri"], cfg.run.experiment, ctx.get_trial_name(),
+                       f"{config['_sweep_dir']}/{trial_id}", {**flatten(cfg), **params}, resume=True,
+                       parent_run_id=config["_parent"])
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+
+    class ToTune(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            queue.put((metrics[0], checkpoint.path if checkpoint else None))
+
+    plan = Plan(cfg, run_name, config["_train_storage"], resume=False)
+    trainer = build_trainer(plan, config["_uri"], run_id, extra={"init_checkpoint": init, "hp": params},
+                            callbacks=[ToTune()])
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the trial
+            outcome["error"] = e
+
+    th = threading.Thread(target=fit, daemon=True)
+    th.start()
+    while th.is_alive() or not queue.empty():
+        try:
+            metrics, path = queue.get(timeout=1)
+        except Exception:  # queue.Empty
+            continue
+        if config["_metric"] in metrics:  # Tune wants its metric in every result it is given
+            tune.report(metrics, checkpoint=Checkpoint(path) if path else None)
+    if "error" in outcome:
+        raise outcome["error"]
+    _ = ray.train  # imported for its side effect of registering the Train V2 APIs
+
+
+def _max_concurrent(cfg: Config, sweep: Sweep) -> int:
+    import ray
+
+    if sweep.max_concurrent > 0:
+        return sweep.max_concurrent
+    res, sc = ray.cluster_resources(), cfg.scale
+    # + TRIAL_CPU: each trial's driver holds a sliver too; without it the last trial's workers
+    # wait for CPUs that never free up.
+    fits = [res.get("CPU", 0) // (sc.num_workers * sc.cpus_per_worker + TRIAL_CPU)]
+    if sc.use_gpu:
+        fits.append(res.get("GPU", 0) // (sc.num_workers * sc.gpus_per_worker))
+    return max(1, int(min(fits)))
+
+
+def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, resume: bool):
+    from ray import tune
+    from ray.tune import RunConfig as TuneRunConfig
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    if sweep.scheduler == "pbt":  # an exploit needs a scored checkpoint every interval
+        cfg.train.checkpoint_every = cfg.eval.every_steps = sweep.perturbation_interval
+    fixed = {"_base": flatten(cfg), "_metric": sweep.metric, "_uri": uri, "_parent": parent, "_sweep_dir": f"{storage}/{sweep.name}",
+             "_train_storage": f"{storage}/{sweep.name}-train"}
+    # The trial driver only waits on its Train run; the workers hold the real resources.
+    fn = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
+    if resume:
+        return tune.Tuner.restore(f"{storage}/{sweep.name}", fn, resume_unfinished=True, resume_errored=True)
+    total = cfg.train.max_steps or 10**9
+    if sweep.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=total, grace_period=sweep.grace_period,
+                                  reduction_factor=sweep.reduction_factor)
+    else:
+        scheduler = PopulationBasedTraining(time_attr="step", perturbation_interval=sweep.perturbation_interval,
+                                            hyperparam_mutations=tune_space(sweep), quantile_fraction=0.5)
+    search = None
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch  # needs `pip install optuna`
+        search = OptunaSearch()
+    return tune.Tuner(
+        fn, param_space={**tune_space(sweep), **fixed},
+        tune_config=tune.TuneConfig(metric=sweep.metric, mode="min", num_samples=sweep.num_samples,
+                                    scheduler=scheduler, search_alg=search,
+                                    max_concurrent_trials=_max_concurrent(cfg, sweep),
+                                    trial_name_creator=lambda t: f"trial_{t.trial_id}",
+                                    trial_dirname_creator=lambda t: t.trial_id),
+        run_config=TuneRunConfig(name=sweep.name, storage_path=storage),
+    )
+
+
+def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, dict]:
+    """results.csv and best_config.toml on the parent run; the best child run tagged."""
+    from mlflow.tracking import MlflowClient
+
+    rows, best = [], None
+    for r in results:
+        if r.metrics_dataframe is None or sweep.metric not in r.metrics_dataframe:
+            continue
+        df = r.metrics_dataframe
+        score = float(df[sweep.metric].min())
+        hp = {k: v for k, v in r.config.items() if not k.startswith("_")}
+        row = {"trial": Path(r.path).name, sweep.metric: score, "last_step": int(df["step"].max()), **hp}
+        rows.append(row)
+        if best is None or score < best[0]:
+            best = (score, r, hp)
+    if best is None:
+        raise RuntimeError(f"no trial reported {sweep.metric}; is eval.every_steps > 0 and an extractor available?")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda row: row[sweep.metric]))
+    best_cfg = trial_config(best[1].config["_base"], best[2])
+    toml = "\n".join(f"[{sec}]\n" + "\n".join(f"{k.split('.', 1)[1]} = {_toml(v)}" for k, v in flatten(best_cfg).items()
+                                             if k.startswith(sec + "."))
+                     for sec in dict.fromkeys(k.split(".")[0] for k in flatten(best_cfg))) + "\n"
+    client = MlflowClient(uri)
+    client.log_text(parent, buf.getvalue(), "results.csv")
+    client.log_text(parent, toml, "best_config.toml")
+    trial_dir = f"{best[1].config['_sweep_dir']}/{Path(best[1].path).name}"
+    for run in client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+        if run.data.tags.get("facegan.run_dir") == trial_dir:
+            client.set_tag(run.info.run_id, "facegan.best_trial", "true")
+    client.set_tag(parent, f"facegan.best_{sweep.metric}", f"{best[0]:.6g}")
+    return buf.getvalue(), toml, {"score": best[0], "hp": best[2]}
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return '"nan"'
+    return repr(v) if not isinstance(v, str) else '"' + v.replace('"', '\\"') + '"'
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True)
+    p.add_argument("--sweep", required=True)
+    p.add_argument("--resume", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    try:
+        cfg = validate(load(args.config, rest))
+        sweep = load_sweep(args.sweep)
+        trial_config(flatten(cfg), {})  # the base alone must be valid too
+        if cfg.eval.every_steps <= 0:
+            raise ConfigError("eval.every_steps: a sweep is judged by FID/KID; set it > 0")
+        if sweep.scheduler == "asha" and cfg.train.max_steps and sweep.grace_period > cfg.train.max_steps:
+            raise ConfigError(f"{args.sweep}: grace_period {sweep.grace_period} exceeds train.max_steps "
+                              f"{cfg.train.max_steps}")
+        from jobs.train import prepare
+
+        plan = prepare(["--config", args.config, *rest, f"--run.name={sweep.name}-base"])
+        storage = plan.storage_path
+        exists = Path(storage, sweep.name).exists()
+        if exists and not args.resume:
+            raise ConfigError(f"sweep {sweep.name}: {storage}/{sweep.name} exists; pass --resume or rename it")
+        if args.resume and not exists:
+            raise ConfigError(f"--resume: no sweep at {storage}/{sweep.name}")
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if plan.cfg.scale.use_gpu and gpus < plan.cfg.scale.gpus_per_worker:
+            raise ConfigError(f"scale.use_gpu: the cluster has {gpus:g} GPUs; a trial worker asks for "
+                              f"{plan.cfg.scale.gpus_per_worker:g}")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from jobs.tracking import end_run, resolve_tracking_uri, start_run
+
+    uri = resolve_tracking_uri()
+    parent = start_run(uri, plan.cfg.run.experiment, f"sweep-{sweep.name}", f"{storage}/{sweep.name}",
+                       {**flatten(plan.cfg), **{f"sweep.{k}": str(v) for k, v in vars(sweep).items()}},
+                       resume=args.resume)
+    ok = False
+    try:
+        results = build_tuner(plan.cfg, sweep, storage, uri, parent, args.resume).fit()
+        table, toml, best = summarize(results, sweep, uri, parent)
+        ok = True
+    finally:
+        end_run(uri, parent, ok)
+    print(table)
+    print(f"best {sweep.metric} {best['score']:.4g} with {best['hp']}\n\n{toml}")
+    print(f"parent_run_id: {parent}\ntracking_uri: {uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
