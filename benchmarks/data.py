@@ -22,7 +22,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from datasets.shards import ENCODINGS, ShardSet, ShardWriter, encode
+from datasets.shards import ENCODINGS, ShardSet, ShardWriter
 
 
 def _faces(src: str | None, n: int, size: int) -> list[np.ndarray]:

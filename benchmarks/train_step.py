@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gan import perf
 from gan.config import LossConfig, ModelConfig
-from gan.models import build, sample_z
+from gan.models import build
 from gan.step import Nets, train_step
 
 

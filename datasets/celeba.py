@@ -27,7 +27,6 @@ written.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import os
@@ -37,11 +36,12 @@ import zipfile
 from multiprocessing import Pool
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from datasets.shards import (ENCODINGS, MANIFEST, META_KEY, ShardError, ShardWriter, ensure_dir, is_file, open_fs,
+from datasets.shards import (ENCODINGS, MANIFEST, META_KEY, ShardError, ShardWriter, encode, ensure_dir, is_file, open_fs,
                              sha256_file, shard_name, write_bytes)
 
 EXPECTED = (178, 218)
@@ -114,9 +114,6 @@ def plan(members: list[str], partition: dict[str, str]) -> tuple[dict[str, list[
 
 def convert_image(data: bytes, opts: dict) -> tuple[bytes | None, str | None, str | None]:
     """-> (encoded face, rejection reason, note)."""
-    from datasets.shards import encode
-    import numpy as np
-
     if not data:
         return None, "empty file", None
     try:
@@ -250,11 +247,11 @@ def convert(a) -> dict:
                 rejected += acc["rejected"]
                 del pending[key]
     elapsed = time.perf_counter() - t0
-    src_sha = _sha256_local(a.src) if Path(a.src).is_file() else None
+    src_sha = sha256_file(*open_fs(a.src)) if Path(a.src).is_file() else None
     counts = {s: sum(e["rows"] for e in w.entries.values()) for s, w in writers.items()}
     extra = {"source": "celeba", "counts": counts, "crop_box": a.crop, "quality": a.quality,
              "unexpected_size": a.unexpected_size,
-             "source_files": {Path(a.src).name: src_sha, Path(a.partition).name: _sha256_local(a.partition)}}
+             "source_files": {Path(a.src).name: src_sha, Path(a.partition).name: sha256_file(*open_fs(a.partition))}}
     for split, w in writers.items():
         _drop_stale_shards(fs, w.path, len(w.entries))
         w.close({"split": split, **extra})
@@ -265,14 +262,6 @@ def convert(a) -> dict:
     write_bytes(fs, f"{root}/rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected).encode())
     write_bytes(fs, f"{root}/summary.json", json.dumps(summary, indent=2).encode())
     return summary
-
-
-def _sha256_local(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _drop_stale_shards(fs, path: str, n: int) -> None:

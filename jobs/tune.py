@@ -115,9 +115,8 @@ def tune_space(sweep: Sweep) -> dict:
 
 def trainable(config: dict) -> None:
     """One trial: a Ray Train run whose reports (and checkpoints) are handed to Tune."""
-    import ray.train
     from ray import tune
-    from ray.train import Checkpoint, RunConfig
+    from ray.train import Checkpoint
     from ray.train.v2.api.callback import UserCallback
     from ray.util.queue import Queue
 
@@ -166,7 +165,6 @@ def trainable(config: dict) -> None:
             tune.report(metrics, checkpoint=Checkpoint(path) if path else None)
     if "error" in outcome:
         raise outcome["error"]
-    _ = ray.train  # imported for its side effect of registering the Train V2 APIs
 
 
 def _max_concurrent(cfg: Config, sweep: Sweep) -> int:
