@@ -15,13 +15,16 @@ from jobs.tracking import Tracker
 
 class RayTrainContext(TorchDistributedContext):
     def __init__(self, tracker: Tracker | None, model_cfg=None, register_as: str = "",
-                 init_checkpoint: str | None = None):
+                 init_checkpoint: str | None = None, hp: dict | None = None):
         super().__init__(ray.train.torch.get_device())
         self.model_cfg, self.register_as = model_cfg, register_as
         # Where to start when this Train run has no checkpoint of its own (a Tune trial
         # restarted from a donor's or its own earlier checkpoint).
         self.init_checkpoint = init_checkpoint
         self.last_scores: dict[str, float] = {}
+        # A sweep trial's hyper-parameters go into the metric history with the first report, at
+        # the step this run starts from, so a PBT trial's schedule can be read off a chart.
+        self.hp_metrics = {f"hp.{k}": float(v) for k, v in (hp or {}).items() if isinstance(v, (int, float))}
         # TorchTrainer has set up the process group; these agree with torch.distributed.
         ctx = ray.train.get_context()
         assert self.rank == ctx.get_world_rank() and self.world_size == ctx.get_world_size()
@@ -36,7 +39,8 @@ class RayTrainContext(TorchDistributedContext):
 
     def report(self, step, metrics, checkpoint=None, artifacts=None, model=None) -> None:
         if self.tracker is not None:
-            self.tracker.log_metrics(step, metrics)
+            self.tracker.log_metrics(step, {**metrics, **self.hp_metrics})
+            self.hp_metrics = {}
             if artifacts:
                 self.tracker.log_artifacts(artifacts)
             if model is not None:

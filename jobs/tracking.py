@@ -61,8 +61,10 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, run_dir: str, p
     return run.info.run_id
 
 
-def end_run(tracking_uri: str, run_id: str, ok: bool) -> None:
-    MlflowClient(tracking_uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+def end_run(tracking_uri: str, run_id: str, ok: bool | str) -> None:
+    """Ends the run; ``ok`` is a bool (FINISHED/FAILED) or an MLflow status such as KILLED."""
+    status = ok if isinstance(ok, str) else ("FINISHED" if ok else "FAILED")
+    MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 
 
 class Tracker:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import math
@@ -120,7 +121,7 @@ def trainable(config: dict) -> None:
     from ray.train.v2.api.callback import UserCallback
     from ray.util.queue import Queue
 
-    from jobs.tracking import start_run
+    from jobs.tracking import end_run, start_run
     from jobs.train import Plan, build_trainer
 
     hp = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -163,8 +164,18 @@ def trainable(config: dict) -> None:
             continue
         if config["_metric"] in metrics:  # Tune wants its metric in every result it is given
             tune.report(metrics, checkpoint=Checkpoint(path) if path else None)
+    end_run(config["_uri"], run_id, "error" not in outcome)
     if "error" in outcome:
         raise outcome["error"]
+
+
+def clamp_to_space(space: dict, config: dict) -> dict:
+    """PBT's explore step multiplies values by 0.8 or 1.2, which can leave the searched range
+    (a real-label lo of 1.14): bring each searched value back inside its range."""
+    for key, spec in space.items():
+        if key in config and spec["type"] != "choice":
+            config[key] = min(max(config[key], spec["low"]), spec["high"])
+    return config
 
 
 def _max_concurrent(cfg: Config, sweep: Sweep) -> int:
@@ -200,7 +211,8 @@ def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, 
                                   reduction_factor=sweep.reduction_factor)
     else:
         scheduler = PopulationBasedTraining(time_attr="step", perturbation_interval=sweep.perturbation_interval,
-                                            hyperparam_mutations=tune_space(sweep), quantile_fraction=0.5)
+                                            hyperparam_mutations=tune_space(sweep), quantile_fraction=0.5,
+                                            custom_explore_fn=functools.partial(clamp_to_space, sweep.space))
     search = None
     if sweep.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch  # needs `pip install optuna`
@@ -244,11 +256,18 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
     client = MlflowClient(uri)
     client.log_text(parent, buf.getvalue(), "results.csv")
     client.log_text(parent, toml, "best_config.toml")
-    trial_dir = f"{best[1].config['_sweep_dir']}/{Path(best[1].path).name}"
+    sweep_dir = best[1].config["_sweep_dir"]
+    last = {f"{sweep_dir}/{row['trial']}": row["last_step"] for row in rows}
+    full = max(last.values())
     for run in client.search_runs([client.get_run(parent).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
-        if run.data.tags.get("facegan.run_dir") == trial_dir:
+        where = run.data.tags.get("facegan.run_dir")
+        if where == f"{sweep_dir}/{Path(best[1].path).name}":
             client.set_tag(run.info.run_id, "facegan.best_trial", "true")
+        if where in last and last[where] < full:
+            client.set_tag(run.info.run_id, "facegan.stopped_early", str(last[where]))
+        if run.info.status == "RUNNING":  # a trial the scheduler stopped: its actor ended without a word
+            client.set_terminated(run.info.run_id, "FINISHED")
     client.set_tag(parent, f"facegan.best_{sweep.metric}", f"{best[0]:.6g}")
     return buf.getvalue(), toml, {"score": best[0], "hp": best[2]}
 
@@ -302,13 +321,27 @@ def main(argv: list[str] | None = None) -> int:
     parent = start_run(uri, plan.cfg.run.experiment, f"sweep-{sweep.name}", f"{storage}/{sweep.name}",
                        {**flatten(plan.cfg), **{f"sweep.{k}": str(v) for k, v in vars(sweep).items()}},
                        resume=args.resume)
-    ok = False
+    if not args.resume:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(uri).log_text(parent, Path(args.sweep).read_text(), "sweep.toml")
+    status = "FAILED"
     try:
         results = build_tuner(plan.cfg, sweep, storage, uri, parent, args.resume).fit()
+        # Tune returns normally after Ctrl+C, with the state saved; the trials it then cleans up
+        # read TERMINATED, but only a trial that ended (or was stopped by the scheduler) has a
+        # last result marked done, and trials not yet created are not in the grid at all.
+        done = sum(1 for r in results if r.error is None and (r.metrics or {}).get("done"))
+        unfinished = sweep.num_samples - done - results.num_errors
+        if unfinished:
+            status = "KILLED"
+            print(f"sweep interrupted with {unfinished} trial(s) unfinished; continue it with the same "
+                  f"command and --resume", file=sys.stderr)
+            return 130
         table, toml, best = summarize(results, sweep, uri, parent)
-        ok = True
+        status = "FINISHED"
     finally:
-        end_run(uri, parent, ok)
+        end_run(uri, parent, status)
     print(table)
     print(f"best {sweep.metric} {best['score']:.4g} with {best['hp']}\n\n{toml}")
     print(f"parent_run_id: {parent}\ntracking_uri: {uri}")

@@ -53,11 +53,13 @@ def faces64(tmp_path_factory) -> Path:
 def ray_local(tmp_path_factory):
     """A real local Ray instance for one test module. Module scope, not session: the
     `ray job submit` test ends its own head with `ray stop`, which stops every Ray on the
-    machine, so no in-process Ray may be alive while that module runs."""
+    machine, so no in-process Ray may be alive while that module runs. With the dashboard:
+    Ray Train's placement-group cleaner asks the state API whether a stopped Tune trial is
+    gone, and without it a stopped trial's workers keep their CPUs for good."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+    ray.init(num_cpus=2, include_dashboard=True, _temp_dir=str(tmp_path_factory.mktemp("ray")),
              log_to_driver=False)
     yield ray
     ray.shutdown()

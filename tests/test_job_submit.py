@@ -27,8 +27,9 @@ def _wait_http(url: str, timeout: float = 120) -> None:
     raise TimeoutError(url)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
@@ -44,8 +45,8 @@ def mlflow_server(tmp_path):
         proc.wait(timeout=30)
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head():
     ray_tmp = f"/tmp/fg-ray-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
     dash = _free_port()
@@ -82,3 +83,27 @@ def test_ray_job_submit_lands_in_mlflow(ray_head, mlflow_server, faces64, tmp_pa
     assert [m.step for m in client.get_metric_history(run_id, "g_loss")] == [4, 8, 12]
     assert "samples/final.png" in {a.path for a in client.list_artifacts(run_id, "samples")}
     assert (tmp_path / "runs" / "submitted" / "checkpoint_000000012" / "checkpoint.pt").is_file()
+
+
+def test_ray_job_submit_runs_a_sweep(ray_head, mlflow_server, faces64, tmp_path):
+    address, env = ray_head
+    sweep = tmp_path / "submitted.toml"
+    sweep.write_text('[sweep]\nname = "submitted-sweep"\nnum_samples = 2\ngrace_period = 4\n\n[space]\n'
+                     '"optim.lr_ratio" = { type = "loguniform", low = 0.1, high = 4.0 }\n')
+    proc = subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
+         "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}), "--",
+         "python", "-m", "jobs.tune", "--config", "configs/smoke.toml", "--sweep", str(sweep),
+         "--data.source=shards", f"--data.path={faces64}", "--model.width=0.0625",
+         "--train.batch_size=16", "--train.max_steps=8", "--train.log_every=4", "--eval.every_steps=4",
+         "--eval.extractor=pixels", "--eval.num_samples=64", "--scale.num_workers=1",
+         "--scale.cpus_per_worker=0.5", f"--run.storage_path={tmp_path / 'runs'}"],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parent = proc.stdout.split("parent_run_id: ")[1].split()[0]
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(parent).info.status == "FINISHED"
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(children) == 2 and all(client.get_metric_history(c.info.run_id, "fid") for c in children)
+    assert {"results.csv", "best_config.toml", "sweep.toml"} <= {a.path for a in client.list_artifacts(parent)}

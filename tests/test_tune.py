@@ -1,13 +1,20 @@
-"""Ray Tune sweeps: sweep-file validation and the refusals that happen before any trial.
-
-Multi-trial sweeps (ASHA stopping early, PBT exploiting, resume) ran by hand but are not
-tested here yet: on the in-process 2-CPU Ray a 4-trial ASHA sweep left one trial waiting for
-resources that the stopped trials never returned (see the README's Sweeps section)."""
+"""Ray Tune sweeps on a real local Ray (2 CPUs) with a real MLflow store: sweep-file
+validation, ASHA stopping trials early, PBT cloning a donor's checkpoint, and an interrupted
+driver resumed with --resume."""
 from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from gan.config import ConfigError
+from gan.config import Config, ConfigError, flatten, load
 from jobs import tune as tune_job
 from tests.conftest import ROOT
 
@@ -46,11 +53,18 @@ def test_bad_sweep_files_fail_before_any_trial(tmp_path, space, needle):
 
 
 def test_derived_fields_keep_lr_ratio_and_label_range():
-    from gan.config import Config, flatten
-
     cfg = tune_job.trial_config(flatten(Config()), {"optim.lr_g": 1e-4, "optim.lr_ratio": 3.0,
                                                     "loss.real_label_lo": 0.8, "loss.real_label_hi_frac": 0.5})
     assert cfg.optim.lr_d == pytest.approx(3e-4) and cfg.loss.real_label_hi == pytest.approx(0.9)
+
+
+def test_pbt_explore_stays_inside_the_searched_ranges(tmp_path):
+    sweep = tune_job.load_sweep(_sweep(tmp_path, "pbt", 'scheduler = "pbt"'))
+    # PBT's explore multiplies by 1.2 or 0.8; a label lo of 0.95 becomes 1.14 (lo > hi = 1).
+    out = tune_job.clamp_to_space(sweep.space, {"loss.real_label_lo": 0.95 * 1.2, "optim.lr_g": 5e-5 * 0.8,
+                                                "optim.lr_ratio": 1.0, "_base": {}})
+    assert out == {"loss.real_label_lo": 1.0, "optim.lr_g": 5e-5, "optim.lr_ratio": 1.0, "_base": {}}
+    tune_job.trial_config(flatten(Config()), {k: v for k, v in out.items() if k != "_base"})  # valid
 
 
 def test_gpu_request_without_gpus_is_refused(ray_local, faces64, tmp_path, mlflow_store, capsys):
@@ -59,3 +73,135 @@ def test_gpu_request_without_gpus_is_refused(ray_local, faces64, tmp_path, mlflo
                              "--scale.gpus_per_worker=0.25"))
     assert rc == 2 and "the cluster has 0 GPUs" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "gpu").exists()
+
+
+def _children(client, parent):
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def _parent(client, name):
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"attributes.run_name = 'sweep-{name}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0].info.run_id
+
+
+def test_asha_sweep_stops_trials_early_and_logs_parent_children_best(ray_local, faces64, tmp_path, mlflow_store,
+                                                                      capsys):
+    from mlflow.tracking import MlflowClient
+
+    sweep = _sweep(tmp_path, "asha", "num_samples = 4\ngrace_period = 4\nreduction_factor = 2")
+    assert tune_job.main(_args(faces64, tmp_path / "runs", sweep, 24)) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(mlflow_store)
+    parent = _parent(client, "asha")
+    children = _children(client, parent)
+    assert len(children) == 4
+    assert {a.path for a in client.list_artifacts(parent)} >= {"results.csv", "best_config.toml"}
+    best = [c for c in children if c.data.tags.get("facegan.best_trial") == "true"]
+    assert len(best) == 1
+    table = list(csv.DictReader(Path(client.download_artifacts(parent, "results.csv", str(tmp_path))).open()))
+    assert len(table) == 4 and len({r["trial"] for r in table}) == 4
+    assert min(int(r["last_step"]) for r in table) < 24, "ASHA stopped no trial early"
+    assert max(int(r["last_step"]) for r in table) == 24
+    # The best config is a valid preset: it loads, and it carries the winning trial's hyper-parameters.
+    cfg = load(client.download_artifacts(parent, "best_config.toml", str(tmp_path)), [])
+    top = table[0]
+    assert cfg.optim.lr_g == pytest.approx(float(top["optim.lr_g"]))
+    assert cfg.optim.lr_d == pytest.approx(float(top["optim.lr_g"]) * float(top["optim.lr_ratio"]))
+    assert float(best[0].data.params["optim.lr_g"]) == pytest.approx(cfg.optim.lr_g)
+    assert "best fid" in out and parent in out
+    # Every child holds its own metric history, judged by FID.
+    for c in children:
+        assert client.get_metric_history(c.info.run_id, "fid")
+
+
+def test_pbt_exploit_restores_the_donor_checkpoint_and_continues_its_steps(ray_local, faces64, tmp_path,
+                                                                            mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    sweep = _sweep(tmp_path, "pbt", 'num_samples = 2\nscheduler = "pbt"\nperturbation_interval = 4')
+    assert tune_job.main(_args(faces64, tmp_path / "runs", sweep, 24)) == 0
+    # An exploit restarts the trial as a new Train run that starts from the donor's checkpoint.
+    clones = sorted(p.name for p in (tmp_path / "runs" / "pbt-train").iterdir() if "-from-" in p.name)
+    assert clones, "PBT never exploited"
+    client = MlflowClient(mlflow_store)
+    children = _children(client, _parent(client, "pbt"))
+    assert len(children) == 2
+    resumed = [m.value for c in children for m in client.get_metric_history(c.info.run_id, "resumed_from_step")]
+    assert resumed and min(resumed) >= 4, resumed  # continued from the donor's step, not from 0
+    # The clone runs with the donor's hyper-parameters, perturbed: its lr_g history changes.
+    lr_g = [[m.value for m in sorted(client.get_metric_history(c.info.run_id, "hp.optim.lr_g"), key=lambda m: m.step)]
+            for c in children]
+    assert any(len(h) >= 2 and h[-1] != h[0] for h in lr_g), lr_g
+    for c in children:  # whatever was exploited, each trial reached the end and no step was logged twice
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "fid")]
+        assert max(steps) == 24 and len(steps) == len(set(steps)), steps
+
+
+def _wait_for(predicate, proc, timeout=600.0, what=""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended (rc {proc.returncode}) before {what}:\n{proc.stdout.read()}")
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_interrupted_sweep_resumes_and_runs_every_trial_once(ray_local, faces64, tmp_path, mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    # One trial at a time: when the driver is interrupted, trial 1 is done, trial 2 is half-way
+    # (with a checkpoint) and trial 3 has not started.
+    sweep = _sweep(tmp_path, "resume", "num_samples = 3\nmax_concurrent = 1\ngrace_period = 8")
+    args = _args(faces64, tmp_path / "runs", sweep, 16, "--train.checkpoint_every=4")
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "MLFLOW_TRACKING_URI": mlflow_store, "PYTHONPATH": str(ROOT)}
+    exp = tmp_path / "runs" / "resume"
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def results():
+        return {p.parent.name: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+                for p in exp.glob("*/result.json")}
+
+    def one_done_one_checkpointed():
+        res = results()
+        done = [t for t, rows in res.items() if rows and rows[-1].get("done")]
+        going = [t for t in res if t not in done and list((exp / t).glob("checkpoint_*"))]
+        return done and going
+
+    try:
+        _wait_for(one_done_one_checkpointed, proc, what="one trial finished and the next one checkpointed")
+        before = results()
+        finished = [t for t, rows in before.items() if rows and rows[-1].get("done")]
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    client = MlflowClient(mlflow_store)
+    parent = _parent(client, "resume")
+    assert client.get_run(parent).info.status == "KILLED"
+
+    assert tune_job.main([*args, "--resume"]) == 0
+    after = results()
+    assert len(after) == 3
+    for t in finished:  # not run again: same results, one Train run
+        assert after[t] == before[t]
+        assert [p.name for p in (tmp_path / "runs" / "resume-train").iterdir() if p.name.startswith(t)] == [t]
+    children = _children(client, parent)
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert client.get_run(parent).info.status == "FINISHED"
+    table = list(csv.DictReader(Path(client.download_artifacts(parent, "results.csv", str(tmp_path))).open()))
+    assert sorted(r["trial"] for r in table) == sorted(after)
+    # The interrupted trial continued from its checkpoint; no step was logged twice anywhere.
+    resumed = [m.value for c in children for m in client.get_metric_history(c.info.run_id, "resumed_from_step")]
+    assert resumed and min(resumed) >= 4
+    for c in children:
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "fid")]
+        assert len(steps) == len(set(steps)), steps
