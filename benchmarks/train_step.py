@@ -5,7 +5,8 @@
 
 Prints one JSON line per variant: img/s, step ms, model FLOPs per image (counted with
 torch.utils.flop_counter on the reference iteration), MFU against a matmul peak measured in
-this run (bf16 on CUDA, fp32 on CPU), peak memory. Variants run in alternating rounds so that
+this run (bf16 on CUDA, fp32 on CPU), peak memory, and the projected hours of the 60-epoch
+seed run (6M images) at that rate. Variants run in alternating rounds so that
 drift (thermal, other load) hits all of them alike; the figure is the median round.
 Needs only torch (no Ray, no MLflow), so it runs on a bare GPU box.
 """
@@ -26,6 +27,11 @@ from gan import perf
 from gan.config import LossConfig, ModelConfig
 from gan.models import build
 from gan.step import Nets, train_step
+
+
+# The reference run: 60 epochs over 100k faces. seed_run_h is its projected time at this rate
+# (meaningful at --size 128 --width 1, the seed's setting).
+SEED_RUN_IMAGES = 60 * 100_000
 
 
 def _sync(device: torch.device) -> None:
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_vs_reference": round(ref / sec, 3), "model_gflop_per_img": round(flops / 1e9, 3),
             "mfu": round(flops * ips / peak, 4), "peak_tflops": round(peak / 1e12, 3), "peak_dtype": peak_dtype,
             "peak_mem_mb": round(mem, 1), "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
+            "seed_run_h": round(SEED_RUN_IMAGES / ips / 3600, 2),
         }), flush=True)
     return 0
 

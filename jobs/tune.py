@@ -16,6 +16,7 @@ import argparse
 import csv
 import functools
 import hashlib
+import importlib.util
 import io
 import math
 import sys
@@ -90,6 +91,8 @@ def load_sweep(path: str) -> Sweep:
                        (sweep.num_samples >= 1, "num_samples must be >= 1")):
         if not check:
             raise ConfigError(f"{path}: [sweep] {msg}")
+    if sweep.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError(f'{path}: [sweep] search = "optuna" needs Optuna: pip install -e ".[optuna]"')
     return sweep
 
 
@@ -213,10 +216,16 @@ def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, 
         scheduler = PopulationBasedTraining(time_attr="step", perturbation_interval=sweep.perturbation_interval,
                                             hyperparam_mutations=tune_space(sweep), quantile_fraction=0.5,
                                             custom_explore_fn=functools.partial(clamp_to_space, sweep.space))
-    search = None
+    # Seeded by train.seed: the same command draws the same trials.
     if sweep.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch  # needs `pip install optuna`
-        search = OptunaSearch()
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        search = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.train.seed))
+    else:
+        from ray.tune.search import BasicVariantGenerator
+
+        search = BasicVariantGenerator(random_state=cfg.train.seed)
     return tune.Tuner(
         fn, param_space={**tune_space(sweep), **fixed},
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="min", num_samples=sweep.num_samples,
