@@ -195,6 +195,18 @@ def _max_concurrent(cfg: Config, sweep: Sweep) -> int:
     return max(1, int(min(fits)))
 
 
+def make_search(sweep: Sweep, seed: int):
+    """Random search or Optuna's TPE, seeded (train.seed): the same command draws the same trials."""
+    if sweep.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=seed)
+
+
 def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, resume: bool):
     from ray import tune
     from ray.tune import RunConfig as TuneRunConfig
@@ -216,16 +228,7 @@ def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, 
         scheduler = PopulationBasedTraining(time_attr="step", perturbation_interval=sweep.perturbation_interval,
                                             hyperparam_mutations=tune_space(sweep), quantile_fraction=0.5,
                                             custom_explore_fn=functools.partial(clamp_to_space, sweep.space))
-    # Seeded by train.seed: the same command draws the same trials.
-    if sweep.search == "optuna":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
-
-        search = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.train.seed))
-    else:
-        from ray.tune.search import BasicVariantGenerator
-
-        search = BasicVariantGenerator(random_state=cfg.train.seed)
+    search = make_search(sweep, cfg.train.seed)
     return tune.Tuner(
         fn, param_space={**tune_space(sweep), **fixed},
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="min", num_samples=sweep.num_samples,

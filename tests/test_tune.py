@@ -67,6 +67,25 @@ def test_pbt_explore_stays_inside_the_searched_ranges(tmp_path):
     tune_job.trial_config(flatten(Config()), {k: v for k, v in out.items() if k != "_base"})  # valid
 
 
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_search_is_seeded_by_train_seed(tmp_path, search):
+    from ray import tune
+
+    sweep = tune_job.load_sweep(_sweep(tmp_path, "s", f'search = "{search}"'))
+
+    def draw(seed):
+        s = tune_job.make_search(sweep, seed)
+        if search == "random":
+            s.add_configurations(tune.Experiment("s", tune_job.trainable, config=tune_job.tune_space(sweep),
+                                                 num_samples=3))
+            return [s.next_trial().config for _ in range(3)]
+        s.set_search_properties("fid", "min", tune_job.tune_space(sweep))
+        return [s.suggest(str(i)) for i in range(3)]
+
+    first = draw(0)
+    assert len({str(c) for c in first}) == 3 and draw(0) == first and draw(1) != first
+
+
 def test_gpu_request_without_gpus_is_refused(ray_local, faces64, tmp_path, mlflow_store, capsys):
     sweep = _sweep(tmp_path, "gpu", "num_samples = 2\ngrace_period = 4")
     rc = tune_job.main(_args(faces64, tmp_path / "runs", sweep, 24, "--scale.use_gpu=true",
@@ -106,6 +125,10 @@ def test_asha_optuna_sweep_stops_trials_early_and_logs_parent_children_best(ray_
     assert len(table) == 4 and len({r["trial"] for r in table}) == 4
     assert min(int(r["last_step"]) for r in table) < 24, "ASHA stopped no trial early"
     assert max(int(r["last_step"]) for r in table) == 24
+    # Trials ASHA stopped are closed (their actors ended without a word) and say where they stopped.
+    assert all(c.info.status == "FINISHED" for c in children)
+    stopped = sorted(c.data.tags["facegan.stopped_early"] for c in children if "facegan.stopped_early" in c.data.tags)
+    assert stopped == sorted(r["last_step"] for r in table if int(r["last_step"]) < 24)
     # The best config is a valid preset: it loads, and it carries the winning trial's hyper-parameters.
     cfg = load(client.download_artifacts(parent, "best_config.toml", str(tmp_path)), [])
     top = table[0]
