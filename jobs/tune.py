@@ -195,16 +195,18 @@ def _max_concurrent(cfg: Config, sweep: Sweep) -> int:
     return max(1, int(min(fits)))
 
 
-def make_search(sweep: Sweep, seed: int):
-    """Random search or Optuna's TPE, seeded (train.seed): the same command draws the same trials."""
+def make_search(sweep: Sweep, seed: int, max_concurrent: int):
+    """Random search or Optuna's TPE, seeded (train.seed): the same command draws the same trials.
+    The concurrency limit lives here: TuneConfig.max_concurrent_trials is ignored (with only a
+    log line) when the search is a BasicVariantGenerator made by hand."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
     if sweep.search == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
-    from ray.tune.search import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=seed)
+        return ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed)), max_concurrent)
+    return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
 
 
 def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, resume: bool):
@@ -228,12 +230,11 @@ def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, 
         scheduler = PopulationBasedTraining(time_attr="step", perturbation_interval=sweep.perturbation_interval,
                                             hyperparam_mutations=tune_space(sweep), quantile_fraction=0.5,
                                             custom_explore_fn=functools.partial(clamp_to_space, sweep.space))
-    search = make_search(sweep, cfg.train.seed)
+    search = make_search(sweep, cfg.train.seed, _max_concurrent(cfg, sweep))
     return tune.Tuner(
         fn, param_space={**tune_space(sweep), **fixed},
         tune_config=tune.TuneConfig(metric=sweep.metric, mode="min", num_samples=sweep.num_samples,
                                     scheduler=scheduler, search_alg=search,
-                                    max_concurrent_trials=_max_concurrent(cfg, sweep),
                                     trial_name_creator=lambda t: f"trial_{t.trial_id}",
                                     trial_dirname_creator=lambda t: t.trial_id),
         run_config=TuneRunConfig(name=sweep.name, storage_path=storage),

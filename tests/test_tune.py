@@ -74,16 +74,19 @@ def test_search_is_seeded_by_train_seed(tmp_path, search):
     sweep = tune_job.load_sweep(_sweep(tmp_path, "s", f'search = "{search}"'))
 
     def draw(seed):
-        s = tune_job.make_search(sweep, seed)
+        s = tune_job.make_search(sweep, seed, max_concurrent=2)
         if search == "random":
             s.add_configurations(tune.Experiment("s", tune_job.trainable, config=tune_job.tune_space(sweep),
                                                  num_samples=3))
-            return [s.next_trial().config for _ in range(3)]
-        s.set_search_properties("fid", "min", tune_job.tune_space(sweep))
-        return [s.suggest(str(i)) for i in range(3)]
+            picks = [getattr(s.next_trial(), "config", None) for _ in range(3)]
+        else:
+            s.set_search_properties("fid", "min", tune_job.tune_space(sweep))
+            picks = [s.suggest(str(i)) for i in range(3)]
+        assert picks[2] is None, "the concurrency limit did not hold the third trial back"
+        return picks[:2]
 
     first = draw(0)
-    assert len({str(c) for c in first}) == 3 and draw(0) == first and draw(1) != first
+    assert first[0] != first[1] and draw(0) == first and draw(1) != first
 
 
 def test_gpu_request_without_gpus_is_refused(ray_local, faces64, tmp_path, mlflow_store, capsys):
@@ -203,6 +206,7 @@ def test_interrupted_sweep_resumes_and_runs_every_trial_once(ray_local, faces64,
         _wait_for(one_done_one_checkpointed, proc, what="one trial finished and the next one checkpointed")
         before = results()
         finished = [t for t, rows in before.items() if rows and rows[-1].get("done")]
+        assert len(before) == 2, f"max_concurrent = 1 not kept: {sorted(before)}"
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=300)
     finally:
