@@ -22,13 +22,16 @@ class RayTrainContext(TorchDistributedContext):
         # restarted from a donor's or its own earlier checkpoint).
         self.init_checkpoint = init_checkpoint
         self.last_scores: dict[str, float] = {}
-        # A sweep trial's hyper-parameters go into the metric history with the first report, at
-        # the step this run starts from, so a PBT trial's schedule can be read off a chart.
-        self.hp_metrics = {f"hp.{k}": float(v) for k, v in (hp or {}).items() if isinstance(v, (int, float))}
         # TorchTrainer has set up the process group; these agree with torch.distributed.
         ctx = ray.train.get_context()
         assert self.rank == ctx.get_world_rank() and self.world_size == ctx.get_world_size()
         self.tracker = tracker if self.rank == 0 else None
+        # A sweep trial's current hyper-parameters: as tags, and in the metric history with the
+        # first report, at the step this run starts from, so a PBT schedule reads off a chart.
+        hp = hp or {}
+        self.hp_metrics = {f"hp.{k}": float(v) for k, v in hp.items() if isinstance(v, (int, float))}
+        if self.tracker is not None and hp:
+            self.tracker.set_tags({f"hp.{k}": f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in hp.items()})
 
     def load_checkpoint(self):
         ckpt = ray.train.get_checkpoint()

@@ -80,9 +80,6 @@ def train_worker(loop_config: dict) -> None:
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank0 else None
     ctx = RayTrainContext(tracker, cfg.model, cfg.eval.register_as, loop_config.get("init_checkpoint"),
                           loop_config.get("hp"))
-    if tracker is not None and loop_config.get("hp"):  # a sweep trial: its current hyper-parameters
-        tracker.set_tags({f"hp.{k}": f"{v:.6g}" if isinstance(v, float) else str(v)
-                          for k, v in loop_config["hp"].items()})
     result = train(cfg, ctx)
     if tracker is not None:
         if result.best is None:  # no evaluation: the final generator is the model

@@ -39,6 +39,12 @@ def ids_of(batch: np.ndarray) -> list[int]:
     return list((p[:, 0] << 16) | (p[:, 1] << 8) | p[:, 2])
 
 
+def child_runs(client, parent: str) -> list:
+    """The MLflow runs nested under ``parent`` (a sweep's trials)."""
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
 @pytest.fixture(scope="session")
 def faces64(tmp_path_factory) -> Path:
     """512 procedural faces at 64px in small row groups (8 groups: enough for 2 workers)."""

@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, _free_port
+from tests.conftest import ROOT, _free_port, child_runs
 
 
 def _wait_http(url: str, timeout: float = 120) -> None:
@@ -103,7 +103,6 @@ def test_ray_job_submit_runs_a_sweep(ray_head, mlflow_server, faces64, tmp_path)
     parent = proc.stdout.split("parent_run_id: ")[1].split()[0]
     client = MlflowClient(mlflow_server)
     assert client.get_run(parent).info.status == "FINISHED"
-    children = client.search_runs([client.get_run(parent).info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    children = child_runs(client, parent)
     assert len(children) == 2 and all(client.get_metric_history(c.info.run_id, "fid") for c in children)
     assert {"results.csv", "best_config.toml", "sweep.toml"} <= {a.path for a in client.list_artifacts(parent)}

@@ -16,7 +16,7 @@ import pytest
 
 from gan.config import Config, ConfigError, flatten, load
 from jobs import tune as tune_job
-from tests.conftest import ROOT
+from tests.conftest import ROOT, child_runs
 
 SPACE = '''
 [space]
@@ -97,11 +97,6 @@ def test_gpu_request_without_gpus_is_refused(ray_local, faces64, tmp_path, mlflo
     assert not (tmp_path / "runs" / "gpu").exists()
 
 
-def _children(client, parent):
-    exp = client.get_run(parent).info.experiment_id
-    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
-
-
 def _parent(client, name):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string=f"attributes.run_name = 'sweep-{name}'")
@@ -119,7 +114,7 @@ def test_asha_optuna_sweep_stops_trials_early_and_logs_parent_children_best(ray_
     out = capsys.readouterr().out
     client = MlflowClient(mlflow_store)
     parent = _parent(client, "asha")
-    children = _children(client, parent)
+    children = child_runs(client, parent)
     assert len(children) == 4
     assert {a.path for a in client.list_artifacts(parent)} >= {"results.csv", "best_config.toml"}
     best = [c for c in children if c.data.tags.get("facegan.best_trial") == "true"]
@@ -154,7 +149,7 @@ def test_pbt_exploit_restores_the_donor_checkpoint_and_continues_its_steps(ray_l
     clones = sorted(p.name for p in (tmp_path / "runs" / "pbt-train").iterdir() if "-from-" in p.name)
     assert clones, "PBT never exploited"
     client = MlflowClient(mlflow_store)
-    children = _children(client, _parent(client, "pbt"))
+    children = child_runs(client, _parent(client, "pbt"))
     assert len(children) == 2
     resumed = [m.value for c in children for m in client.get_metric_history(c.info.run_id, "resumed_from_step")]
     assert resumed and min(resumed) >= 4, resumed  # continued from the donor's step, not from 0
@@ -222,7 +217,7 @@ def test_interrupted_sweep_resumes_and_runs_every_trial_once(ray_local, faces64,
     for t in finished:  # not run again: same results, one Train run
         assert after[t] == before[t]
         assert [p.name for p in (tmp_path / "runs" / "resume-train").iterdir() if p.name.startswith(t)] == [t]
-    children = _children(client, parent)
+    children = child_runs(client, parent)
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert client.get_run(parent).info.status == "FINISHED"
     table = list(csv.DictReader(Path(client.download_artifacts(parent, "results.csv", str(tmp_path))).open()))
