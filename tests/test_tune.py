@@ -58,6 +58,12 @@ def test_derived_fields_keep_lr_ratio_and_label_range():
     assert cfg.optim.lr_d == pytest.approx(3e-4) and cfg.loss.real_label_hi == pytest.approx(0.9)
 
 
+def test_optuna_search_without_optuna_fails_before_any_trial(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # how Python marks a module as not importable
+    with pytest.raises(ConfigError, match=r'search = "optuna" needs Optuna'):
+        tune_job.load_sweep(_sweep(tmp_path, "opt", 'search = "optuna"'))
+
+
 def test_pbt_explore_stays_inside_the_searched_ranges(tmp_path):
     sweep = tune_job.load_sweep(_sweep(tmp_path, "pbt", 'scheduler = "pbt"'))
     # PBT's explore multiplies by 1.2 or 0.8; a label lo of 0.95 becomes 1.14 (lo > hi = 1).
@@ -157,6 +163,8 @@ def test_pbt_exploit_restores_the_donor_checkpoint_and_continues_its_steps(ray_l
     lr_g = [[m.value for m in sorted(client.get_metric_history(c.info.run_id, "hp.optim.lr_g"), key=lambda m: m.step)]
             for c in children]
     assert any(len(h) >= 2 and h[-1] != h[0] for h in lr_g), lr_g
+    for c, h in zip(children, lr_g):  # the tag holds the trial's current value
+        assert float(client.get_run(c.info.run_id).data.tags["hp.optim.lr_g"]) == pytest.approx(h[-1], rel=1e-5)
     for c in children:  # whatever was exploited, each trial reached the end and no step was logged twice
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "fid")]
         assert max(steps) == 24 and len(steps) == len(set(steps)), steps
