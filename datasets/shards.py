@@ -247,6 +247,23 @@ class ShardSet:
         return data.reshape(n, size, size, 3)
 
 
+    def ids(self) -> list[str]:
+        """Every row's id, in stored order (row group by row group)."""
+        return [i for pf in self.files for i in pf.read(columns=["id"]).column("id").to_pylist()]
+
+    def rows_at(self, indices: list[int]) -> np.ndarray:
+        """The faces at these stored-order positions (uint8 NHWC)."""
+        starts = np.cumsum([0] + [rg.rows for rg in self.row_groups])
+        cache: dict[int, np.ndarray] = {}
+        out = []
+        for i in indices:
+            g = int(np.searchsorted(starts, i, side="right")) - 1
+            if g not in cache:
+                cache[g] = self.read(self.row_groups[g])
+            out.append(cache[g][i - starts[g]])
+        return np.stack(out)
+
+
 class ShardReader:
     """Rank ``rank`` of ``world``'s batches: disjoint, complete shares; resumable positions."""
 

@@ -116,13 +116,14 @@ def _draw_chunk(args: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def write_generated(out: str | Path, count: int, size: int, seed: int = 0, workers: int | None = None,
-                    row_group_size: int = 256) -> dict:
-    """Draws ``count`` faces into a shard set at ``out`` (in parallel, reproducibly)."""
+                    row_group_size: int = 256, start: int = 0) -> dict:
+    """Draws faces ``start .. start + count - 1`` into a shard set at ``out`` (in parallel,
+    reproducibly; face i depends only on (i, seed), so disjoint ranges are disjoint sets)."""
     workers = workers or os.cpu_count() or 1
     writer = ShardWriter(out, size, row_group_size=row_group_size,
-                         extra={"source": "generated", "seed": seed})
+                         extra={"source": "generated", "seed": seed, "start": start})
     chunk = 500
-    jobs = [(s, min(s + chunk, count), size, seed) for s in range(0, count, chunk)]
+    jobs = [(s, min(s + chunk, start + count), size, seed) for s in range(start, start + count, chunk)]
     with ProcessPoolExecutor(workers) as pool:
         for (start, _, _, _), faces in zip(jobs, pool.map(_draw_chunk, jobs)):
             for j, face in enumerate(faces):
@@ -130,18 +131,26 @@ def write_generated(out: str | Path, count: int, size: int, seed: int = 0, worke
     return writer.close()
 
 
-def ensure_generated(out: str | Path, count: int, size: int, seed: int = 0) -> ShardSet:
-    """The generated set at ``out``, drawn first if it is not there (or is not what is asked)."""
+def ensure_generated(out: str | Path, count: int, size: int, seed: int = 0, heldout: int = 0) -> ShardSet:
+    """The generated set at ``out``, drawn first if it is not there (or is not what is asked).
+    With ``heldout`` > 0 and ``out`` named ``train``, also a ``val`` set beside it: the next
+    ``heldout`` faces, none of them a training face."""
     out = Path(out)
+    if heldout > 0 and out.name == "train":
+        _ensure(out.parent / "val", heldout, size, seed, start=count)
+    return _ensure(out, count, size, seed, start=0)
+
+
+def _ensure(out: Path, count: int, size: int, seed: int, start: int) -> ShardSet:
     if (out / MANIFEST).is_file():
         shards = ShardSet(out)
         m = shards.manifest
         if m.get("source") == "generated" and m["image_size"] == size and m["count"] == count \
-                and m.get("seed") == seed:
+                and m.get("seed") == seed and m.get("start", 0) == start:
             return shards
         raise ValueError(f"{out}: holds a different shard set (size {m['image_size']}, count {m['count']}, "
-                         f"source {m.get('source')}); point data.path elsewhere or remove it")
-    write_generated(out, count, size, seed)
+                         f"seed {m.get('seed')}, source {m.get('source')}); point data.path elsewhere or remove it")
+    write_generated(out, count, size, seed, start=start)
     return ShardSet(out)
 
 

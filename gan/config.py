@@ -39,6 +39,9 @@ class DataConfig:
     source: str = "generated"
     path: str = "data/generated64"
     generated_count: int = 10_000
+    # Held-out generated faces, written as the 'val' set beside a '.../train' data.path (other
+    # faces than the training ones): what FID and the audit compare against.
+    generated_heldout: int = 1000
     # Rows are shuffled within windows of this many row groups (memory vs. mixing).
     shuffle_groups: int = 4
     verify_checksums: bool = True  # sha256 of every shard against the manifest, before training
@@ -76,8 +79,8 @@ class EvalConfig:
     every_steps: int = 0  # FID/KID every N steps and at the end; 0 turns evaluation off
     num_samples: int = 2000
     metric: str = "fid"  # "fid" or "kid": which one picks the best generator
-    extractor: str = "inception"  # "inception", "pixels" or "module:factory" (gan/evaluate.py)
-    inception_weights: str = ""  # local weights file (offline); env FACEGAN_INCEPTION_WEIGHTS
+    extractor: str = "inception"  # "inception" (standard FID, gan/inception.py) or "pixels" (tests)
+    inception_weights: str = ""  # another TorchScript FID Inception file; env FACEGAN_INCEPTION_WEIGHTS
     real_path: str = ""  # held-out shards; empty: the "val" set beside data.path, else data.path
     batch_size: int = 100
     kid_subset_size: int = 1000
@@ -233,6 +236,7 @@ def validate(cfg: Config) -> Config:
          f"must be 'generated' or 'shards', got {cfg.data.source!r}"),
         (bool(cfg.data.path), "data.path", "must name a directory"),
         (cfg.data.generated_count > 0, "data.generated_count", "must be > 0"),
+        (cfg.data.generated_heldout >= 0, "data.generated_heldout", "must be >= 0"),
         (cfg.data.shuffle_groups >= 1, "data.shuffle_groups", "must be >= 1"),
         (0.0 <= lo.real_label_lo <= lo.real_label_hi <= 1.0, "loss.real_label_lo/hi",
          f"need 0 <= lo <= hi <= 1, got lo={lo.real_label_lo}, hi={lo.real_label_hi}"),
@@ -263,8 +267,8 @@ def validate(cfg: Config) -> Config:
         (e.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: off)"),
         (e.num_samples >= 2 * sc.num_workers, "eval.num_samples", f"must be >= 2 per worker, got {e.num_samples}"),
         (e.metric in ("fid", "kid"), "eval.metric", f"must be fid or kid, got {e.metric!r}"),
-        (e.extractor in ("inception", "pixels") or ":" in e.extractor, "eval.extractor",
-         f"must be inception, pixels or module:factory, got {e.extractor!r}"),
+        (e.extractor in ("inception", "pixels"), "eval.extractor",
+         f"must be inception or pixels, got {e.extractor!r}"),
         (e.batch_size >= 1 and e.kid_subset_size >= 2, "eval.batch_size/kid_subset_size", "must be positive"),
     ]
     for ok, key, msg in checks:

@@ -32,10 +32,12 @@ class Context(Protocol):
     def load_checkpoint(self) -> dict[str, Any] | None: ...
 
     def report(self, step: int, metrics: dict[str, float], checkpoint: StateFn | None = None,
-               artifacts: dict[str, bytes] | None = None, model: nn.Module | None = None) -> None:
+               artifacts: dict[str, bytes] | None = None, model: nn.Module | None = None,
+               tags: dict[str, str] | None = None) -> None:
         """Called by every rank at the same steps. ``checkpoint`` is a function so that only
         the rank that writes pays for building the state; ``artifacts`` maps a relative path
-        (``samples/epoch_001.png``) to bytes; ``model`` is a new best generator to publish."""
+        (``samples/epoch_001.png``) to bytes; ``model`` is a new best generator to publish;
+        ``tags`` are run tags (training-health flags)."""
 
     def should_stop(self) -> bool:
         """Must agree across ranks, or the ranks' collectives fall out of step."""
@@ -65,7 +67,8 @@ class TorchDistributedContext:
             return module
         # broadcast_buffers=False: D runs two forward passes (real, fake) before one backward;
         # re-broadcasting BN buffers in place before the second pass breaks autograd. Each rank
-        # keeps its own BN running stats instead (only used for eval-mode sampling).
+        # keeps its own BN running stats instead (only used for eval-mode sampling), and the loop
+        # averages them over the ranks before it samples, scores or saves (gan/bn.py).
         ids = [self.device.index] if self.device.type == "cuda" else None
         with warnings.catch_warnings():
             # torch 2.13 suggests forward_sync_buffers, which still syncs at init; we want
@@ -97,16 +100,18 @@ class LocalContext(TorchDistributedContext):
         self.history: list[tuple[int, dict[str, float]]] = []
         self.checkpoint_steps: list[int] = []
         self.best_steps: list[int] = []
+        self.tags: dict[str, str] = {}
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         path = self.out / CHECKPOINT_FILE
         return load_state(path) if self.resume and path.is_file() else None
 
-    def report(self, step, metrics, checkpoint=None, artifacts=None, model=None) -> None:
+    def report(self, step, metrics, checkpoint=None, artifacts=None, model=None, tags=None) -> None:
         if metrics:
             self.history.append((step, dict(metrics)))
         if self.rank != 0:
             return
+        self.tags |= tags or {}
         if model is not None:
             save_state({"step": step, "G": model.state_dict(), "format": 1}, self.out / "best_generator.pt")
             self.best_steps.append(step)

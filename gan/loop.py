@@ -7,15 +7,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from datasets.shards import ShardReader, ShardSet, prefetch
-from gan import perf
+from gan import bn, perf
 from gan.config import Config, flatten
 from gan.checkpoint import FORMAT_VERSION
 from gan.context import Context, unwrap
-from gan.evaluate import Evaluator, build_extractor, warn_once
+from gan.evaluate import Evaluator, build_extractor, iter_rows
+from gan.health import PROBE, Health
 from gan.images import grid, png_bytes, sample_grid_png
 from gan.models import build, sample_z
 from gan.step import Nets, train_step, update_ema
@@ -40,6 +42,10 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+class NoHeldOut(ValueError):
+    """No held-out faces: FID and the audit never fall back to the training faces."""
+
+
 def real_path(cfg: Config) -> str:
     """Held-out faces for FID: eval.real_path, else the 'val' set beside a '.../train' data.path."""
     if cfg.eval.real_path:
@@ -51,8 +57,29 @@ def real_path(cfg: Config) -> str:
             return f"{head}/val"
         except ValueError:
             pass
-    warn_once(f"eval: no held-out set beside {cfg.data.path}; FID is measured against the training faces")
-    return cfg.data.path
+    raise NoHeldOut(f"eval.real_path: no held-out faces for {cfg.data.path} (expected a 'val' set beside a "
+                    f".../train data.path); set eval.real_path to a shard set disjoint from the training faces")
+
+
+def feature_cache(cfg: Config) -> str:
+    return f"{cfg.run.storage_path}/feature_cache"
+
+
+def prepare_evaluation(cfg: Config, device: str = "cpu") -> dict:
+    """Before any worker starts: the extractor loads, the held-out set exists, and its features
+    are in the cache (so the workers only read them). Returns what the scores mean."""
+    from tqdm import tqdm
+
+    from gan.evaluate import describe, features_of_rows
+
+    real = ShardSet(real_path(cfg))
+    extractor = build_extractor(cfg.eval.extractor, cfg.eval.inception_weights).to(device)
+    n = min(cfg.eval.num_samples, real.count)
+    with tqdm(total=n, desc=f"FID real features ({real.path})", unit="img", leave=False,
+              disable=None) as bar:
+        features_of_rows(real, n, extractor, torch.device(device), cfg.eval.batch_size, feature_cache(cfg),
+                         progress=bar.update)
+    return {**describe(extractor), "real_path": real.path, "n_real": n}
 
 
 def make_evaluator(cfg: Config, ctx: Context) -> Evaluator | None:
@@ -60,11 +87,18 @@ def make_evaluator(cfg: Config, ctx: Context) -> Evaluator | None:
     if e.every_steps <= 0:
         return None
     extractor = build_extractor(e.extractor, e.inception_weights)
-    if extractor is None:
-        return None
-    cache = f"{cfg.run.storage_path}/feature_cache"
     return Evaluator(extractor, ShardSet(real_path(cfg)), e.num_samples, ctx.rank, ctx.world_size, ctx.device,
-                     cache, f"{e.extractor}|{e.inception_weights}", e.batch_size, e.kid_subset_size, cfg.train.seed)
+                     feature_cache(cfg), e.batch_size, e.kid_subset_size, cfg.train.seed)
+
+
+def make_health(cfg: Config, shards: ShardSet, ctx: Context) -> Health:
+    def first(s: ShardSet):
+        return np.concatenate(list(iter_rows(s, PROBE)))
+    try:
+        held = first(ShardSet(real_path(cfg)))
+    except ValueError:  # no held-out set (training without evaluation): no overfitting gap
+        held = None
+    return Health(first(shards), held, ctx.device)
 
 
 def total_steps(reader: ShardReader, cfg: Config) -> int:
@@ -113,29 +147,34 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
     G, D = G.to(ctx.device), D.to(ctx.device)
     on = perf.resolve(cfg.perf, ctx.device)
     perf.set_layout(G, D, on)
-    ema = copy.deepcopy(G).requires_grad_(False) if t.ema_decay > 0 else None
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     opt_g = perf.adam(G.parameters(), cfg.optim.lr_g, betas, on)
     opt_d = perf.adam(D.parameters(), cfg.optim.lr_d, betas, on)
 
-    step, epoch, batch, resumed_from = 0, 0, 0, None
-    best: dict[str, Any] | None = None
-    state = ctx.load_checkpoint()
+    step, epoch, batch, resumed_from, best, state = 0, 0, 0, None, None, ctx.load_checkpoint()
     if state is not None:
-        G.load_state_dict(state["G"])
-        D.load_state_dict(state["D"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        # The config, not the checkpoint, says the LRs: a PBT exploit changes them on restart.
-        for opt, lr in ((opt_g, cfg.optim.lr_g), (opt_d, cfg.optim.lr_d)):
-            for group in opt.param_groups:
-                group["lr"], group["betas"] = lr, betas
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["rng"]["torch_cpu"])
-        step, epoch, batch = state["step"], state["data"]["epoch"], state["data"]["batch"]
-        best = state.get("best")
+        step, epoch, batch, best = load_into(state, G, D, opt_g, opt_d, cfg)
         resumed_from = step
+    # After the load: an EMA turned on at resume (or across a PBT exploit) starts from the
+    # trained weights, not from the random initial ones.
+    ema = None
+    if t.ema_decay > 0:
+        ema = copy.deepcopy(G).requires_grad_(False)
+        if state is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+    sampler = ema if ema is not None else G
+    settled = -1
+
+    def settle() -> None:
+        """Before anything is sampled, scored, checkpointed or published (gan/bn.py)."""
+        nonlocal settled
+        if settled == step:
+            return
+        if ema is not None:
+            bn.recalibrate(ema, cfg.model.z_dim, step_seed(t.seed, -1, step))
+        for net in {id(m): m for m in (G, D, sampler)}.values():
+            bn.average_buffers(net, ctx.mean)
+        settled = step
 
     def capture() -> dict[str, Any]:
         return {
@@ -154,11 +193,10 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
     def to_tensor(images):  # in the prefetch thread: page-locked so the copy can be async
         x = torch.from_numpy(images)
         return (images, x.pin_memory() if pin else x)
-    sampler = ema if ema is not None else G
     fixed_z = sample_z(FIXED_SAMPLES, cfg.model.z_dim, torch.Generator().manual_seed(t.seed)).to(ctx.device)
     gen = torch.Generator(device=ctx.device)
     meter, metrics = _Meter(), {}
-    evaluator = make_evaluator(cfg, ctx)
+    evaluator, health = make_evaluator(cfg, ctx), make_health(cfg, shards, ctx)
 
     def evaluate() -> tuple[dict[str, float], nn.Module | None]:
         """Scores, and the generator to publish when they are the best so far (rank 0)."""
@@ -174,6 +212,7 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
         ctx.report(step, {"resumed_from_step": float(step)})
 
     def grid_artifact(name: str) -> dict[str, bytes] | None:
+        settle()
         return {f"samples/{name}.png": sample_grid_png(sampler, fixed_z)} if ctx.rank == 0 else None
 
     while step < total and not ctx.should_stop():
@@ -191,14 +230,22 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
                 update_ema(ema, G, t.ema_decay)
             step, batch = step + 1, batch + 1
             log_now, ckpt_now = step % t.log_every == 0, step % t.checkpoint_every == 0 or step == total
-            scores, publish = {}, None
-            if evaluator is not None and (step % cfg.eval.every_steps == 0 or step == total):
+            eval_now = evaluator is not None and (step % cfg.eval.every_steps == 0 or step == total)
+            if log_now or ckpt_now or eval_now or step == total:
+                settle()
+            scores, publish, tags = {}, None, {}
+            if eval_now:
                 scores, publish = evaluate()  # before the checkpoint, so that it carries the best so far
             # Scores travel in the same report as the step's checkpoint: a scheduler that acts
             # on a score (PBT) finds the matching checkpoint with it.
             if log_now or ckpt_now or step == total:
-                metrics = {**meter.flush(ctx, t.batch_size), "epoch": float(epoch), **scores}
-                ctx.report(step, metrics, checkpoint=capture if ckpt_now else None, model=publish)
+                metrics = {**meter.flush(ctx, t.batch_size), "epoch": float(epoch)}
+                signs, flags = health(sampler, D, fixed_z, metrics, step)
+                metrics |= {**signs, **scores}
+                tags = {f"facegan.health.{k}": v for k, v in flags.items()}
+                if flags and ctx.rank == 0:
+                    print(f"facegan health: {' | '.join(flags.values())}", flush=True)
+                ctx.report(step, metrics, checkpoint=capture if ckpt_now else None, model=publish, tags=tags)
             elif scores:
                 ctx.report(step, scores, model=publish)
             if step >= total or ctx.should_stop():
@@ -207,3 +254,17 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
             ctx.report(step, {}, artifacts=grid_artifact(f"epoch_{epoch + 1:03d}"))
     ctx.report(step, {}, artifacts=grid_artifact("final"))
     return TrainResult(step, unwrap(nets.G) if ema is None else ema, D, metrics, resumed_from, best)
+
+
+def load_into(state: dict, G, D, opt_g, opt_d, cfg: Config) -> tuple[int, int, int, dict | None]:
+    """Restores a checkpoint; returns (step, epoch, batch, best)."""
+    G.load_state_dict(state["G"])
+    D.load_state_dict(state["D"])
+    opt_g.load_state_dict(state["opt_g"])
+    opt_d.load_state_dict(state["opt_d"])
+    # The config, not the checkpoint, says the LRs: a PBT exploit changes them on restart.
+    for opt, lr in ((opt_g, cfg.optim.lr_g), (opt_d, cfg.optim.lr_d)):
+        for group in opt.param_groups:
+            group["lr"], group["betas"] = lr, (cfg.optim.beta1, cfg.optim.beta2)
+    torch.set_rng_state(state["rng"]["torch_cpu"])
+    return state["step"], state["data"]["epoch"], state["data"]["batch"], state.get("best")

@@ -48,6 +48,12 @@ def real_labels(n: int, cfg: LossConfig, gen: torch.Generator, device) -> torch.
     return lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
 
 
+def grad_norm(params) -> torch.Tensor:
+    """The global L2 norm of the gradients, on the device (no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+
+
 def d_step(x: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor, nets: Nets) -> dict:
     """Updates D only: ``fake`` is detached, so no gradient reaches G."""
     # Real and fake go through D in two passes, as in the seed (BN statistics per pass); the
@@ -57,6 +63,7 @@ def d_step(x: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor, nets: Nets
         real_logits, fake_logits = nets.D(x), nets.D(fake.detach())
     loss, stats = d_loss(real_logits.float(), fake_logits.float(), labels)
     loss.backward()
+    stats["d_grad_norm"] = grad_norm(nets.D.parameters())
     nets.opt_d.step()
     return stats
 
@@ -69,6 +76,7 @@ def g_step(fake: torch.Tensor, nets: Nets) -> dict:
         logits = nets.D_raw(fake)
     loss, stats = g_loss(logits.float())
     loss.backward(inputs=list(nets.G.parameters()))
+    stats["g_grad_norm"] = grad_norm(nets.G.parameters())
     nets.opt_g.step()
     return stats
 
@@ -88,8 +96,6 @@ def train_step(images_u8: torch.Tensor, nets: Nets, cfg: LossConfig,
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """EMA of the generator's weights; BN running stats are copied, not averaged."""
-    e_params, m_params = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
-    for eb, mb in zip(ema.buffers(), model.buffers()):
-        eb.copy_(mb)
+    """EMA of the generator's weights. Its BN statistics are recomputed for its own weights
+    when it is used (gan/bn.py), not copied from the live generator, whose do not fit."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)

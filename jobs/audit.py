@@ -1,72 +1,126 @@
-"""Memorization audit of a run's generator (method: gan/audit.py), logged to the run.
+"""Memorization audit (method: gan/audit.py): do generated faces copy training faces?
 
-    python -m jobs.audit --run <run_id> [--samples 1000] [--percentile 1] [--max-train 20000]
+    python -m jobs.audit --fake SPEC --train SHARDS --heldout SHARDS [--n 1000] [--space inception|pixels]
+    python -m jobs.audit --run <run_id> [--n 1000]       # SPEC, train and held-out from the run; logged to it
 
-Reads the run's config from its MLflow params, its generator from ``runs:/<id>/generator``,
-the training faces from ``data.path`` and held-out faces as evaluation does. Logs
-``audit/summary.json`` and ``audit/closest_pairs.png``, and the metrics
-``audit_fraction_closer`` and ``audit_flagged``; prints the summary. Exit status 1 when flagged.
+SPEC as in jobs.fid: a shard set, an image folder, ``runs:/…``, ``models:/…`` or a checkpoint.
+Every training face is searched. Prints one JSON line (``fraction_memorized``, ``flagged``,
+``threshold``, ``heldout_fraction``, ``p_value``, counts); ``--out DIR`` also gets
+``summary.json`` and ``closest_pairs.png``; with ``--run`` both are logged to the run
+(``audit/``) with the metrics ``audit_fraction_memorized`` and ``audit_flagged``. Exit status 1
+when flagged, 2 on an error (one line): held-out faces that share rows with the training set, a
+run without a held-out set, an unreadable SPEC.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from datasets.shards import ShardSet
+from datasets.shards import ShardError, ShardSet
 from gan import audit as A
-from gan.config import Config, apply
-from gan.evaluate import Pixels, build_extractor
-from gan.images import png_bytes, to_uint8
-from gan.loop import real_path
-from gan.models import sample_z
+from gan.config import Config, ConfigError, apply, flatten
+from gan.evaluate import build_extractor, features_of_rows
+from gan.images import png_bytes
+from gan.inception import ExtractorError
+from jobs.specs import SpecError, fake_faces
+
+SPACES = ("inception", "pixels")
 
 
 @torch.no_grad()
-def run_audit(cfg: Config, G: torch.nn.Module, samples: int, percentile: float = 1.0,
-              max_train: int = 20_000, seed: int = 0) -> tuple[dict, bytes]:
-    extractor = build_extractor(cfg.eval.extractor, cfg.eval.inception_weights) or Pixels()
-    extractor.eval()
-    train_u8 = A.faces(ShardSet(cfg.data.path), max_train)
-    held_u8 = A.faces(ShardSet(real_path(cfg)), max(samples, 100))
-    G = G.eval().cpu()
-    gen_u8 = to_uint8(G(sample_z(samples, G.z_dim, torch.Generator().manual_seed(seed))))
-    report = A.audit(A.features_of(extractor, gen_u8), A.features_of(extractor, train_u8),
-                     A.features_of(extractor, held_u8), percentile)
-    report["feature_space"] = cfg.eval.extractor if not isinstance(extractor, Pixels) else "pixels"
-    return report, png_bytes(A.closest_pairs(gen_u8, train_u8, report))
+def run_audit(fake: str | torch.nn.Module, train: str, heldout: str, n: int = 1000, space: str = "inception",
+              weights: str = "", percentile: float = 1.0, seed: int = 0, device: str = "cpu",
+              cache: str | None = "runs/feature_cache", batch: int = 100) -> tuple[dict, bytes]:
+    """The report and the closest-pairs picture. ``fake`` is a SPEC or a generator module."""
+    train_set, held_set = ShardSet(train), ShardSet(heldout)
+    A.check_disjoint(set(train_set.ids()), held_set.ids(), f"{heldout} vs {train}")
+    dev = torch.device(device)
+    ext = build_extractor(space, weights).to(dev)
+    if isinstance(fake, torch.nn.Module):
+        from jobs.specs import _sampled
+
+        blocks = _sampled(fake, n, seed, batch, dev)
+    else:
+        blocks = fake_faces(fake, n, seed, batch, dev)
+    gen_u8 = np.concatenate(list(blocks))
+    gen_f = torch.cat([ext(torch.from_numpy(np.ascontiguousarray(b)).permute(0, 3, 1, 2).to(dev)).float().cpu()
+                       for b in np.array_split(gen_u8, max(1, len(gen_u8) // batch))])
+    train_f = features_of_rows(train_set, train_set.count, ext, dev, batch, cache)
+    held_f = features_of_rows(held_set, held_set.count, ext, dev, batch, cache)
+    report = A.audit(gen_f, train_f.to(dev), held_f, percentile)
+    report |= {"space": space, "fake": fake if isinstance(fake, str) else "generator", "train": train_set.path,
+               "heldout": held_set.path}
+    return report, png_bytes(A.closest_pairs(gen_u8, train_set.rows_at, report))
 
 
 def log_audit(tracker, report: dict, picture: bytes, step: int | None = None) -> None:
     tracker.log_artifacts({"audit/summary.json": json.dumps(A.public(report), indent=2).encode(),
                            "audit/closest_pairs.png": picture})
-    tracker.log_metrics(step or 0, {"audit_fraction_closer": report["fraction_closer"],
+    tracker.log_metrics(step or 0, {"audit_fraction_memorized": report["fraction_memorized"],
                                     "audit_flagged": float(report["flagged"])})
 
 
+def run_config(params: dict[str, str]) -> Config:
+    """A run's config from its MLflow params. Sweep children also hold derived params
+    (optim.lr_ratio, ...) that are not config fields: only the config's own keys are read."""
+    known = set(flatten(Config()))
+    return apply(Config(), {k: v for k, v in params.items() if k in known})
+
+
 def main(argv: list[str] | None = None) -> int:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    from jobs.tracking import Tracker, resolve_tracking_uri
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="MLflow run id")
-    p.add_argument("--samples", type=int, default=1000)
+    p.add_argument("--run", help="MLflow run id: fills --fake, --train and --heldout, and logs the audit")
+    p.add_argument("--fake")
+    p.add_argument("--train")
+    p.add_argument("--heldout")
+    p.add_argument("--n", "--samples", dest="n", type=int, default=1000)
+    p.add_argument("--space", choices=SPACES, default=None, help="feature space (default: the run's, or inception)")
     p.add_argument("--percentile", type=float, default=1.0)
-    p.add_argument("--max-train", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write summary.json and closest_pairs.png here")
+    p.add_argument("--cache", default=None, help="feature cache (default: the run's, or runs/feature_cache)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    uri = resolve_tracking_uri()
-    params = MlflowClient(uri).get_run(a.run).data.params
-    cfg = apply(Config(), params)
-    mlflow.set_tracking_uri(uri)
-    G = mlflow.pytorch.load_model(f"runs:/{a.run}/generator", map_location="cpu")
-    report, picture = run_audit(cfg, G, a.samples, a.percentile, a.max_train)
-    tracker = Tracker(uri, a.run)
-    log_audit(tracker, report, picture, step=max(tracker.last_step.values(), default=0) + 1)
-    print(json.dumps(A.public(report), indent=2))
+    tracker = None
+    try:
+        fake, train, heldout, space, cache, weights = a.fake, a.train, a.heldout, a.space, a.cache, ""
+        if a.run:
+            from mlflow.tracking import MlflowClient
+
+            from gan.loop import feature_cache, real_path
+            from jobs.tracking import Tracker, resolve_tracking_uri
+
+            uri = resolve_tracking_uri()
+            try:
+                cfg = run_config(MlflowClient(uri).get_run(a.run).data.params)
+            except Exception as e:  # unknown run id, unreachable server
+                raise SpecError(f"--run {a.run}: {str(e).splitlines()[0]}") from None
+            fake = fake or f"runs:/{a.run}/generator"
+            train, heldout = train or cfg.data.path, heldout or real_path(cfg)
+            # The run's extractor, if it is one of ours: never a module named by a run's params.
+            space = space or (cfg.eval.extractor if cfg.eval.extractor in SPACES else "inception")
+            cache, weights = cache or feature_cache(cfg), cfg.eval.inception_weights
+            tracker = Tracker(uri, a.run)
+        if not (fake and train and heldout):
+            raise SpecError("give --run, or all of --fake, --train and --heldout")
+        report, picture = run_audit(fake, train, heldout, a.n, space or "inception", weights, a.percentile,
+                                    a.seed, a.device, cache or "runs/feature_cache")
+    except (ShardError, SpecError, ExtractorError, ConfigError, A.AuditError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(A.public(report), indent=2))
+        (out / "closest_pairs.png").write_bytes(picture)
+    if tracker is not None:
+        log_audit(tracker, report, picture, step=max(tracker.last_step.values(), default=0) + 1)
+    print(json.dumps(A.public(report)))
     return 1 if report["flagged"] else 0
 
 

@@ -40,8 +40,10 @@ class RayTrainContext(TorchDistributedContext):
         with ckpt.as_directory() as d:
             return load_state(Path(d) / CHECKPOINT_FILE)
 
-    def report(self, step, metrics, checkpoint=None, artifacts=None, model=None) -> None:
+    def report(self, step, metrics, checkpoint=None, artifacts=None, model=None, tags=None) -> None:
         if self.tracker is not None:
+            if tags:
+                self.tracker.set_tags(tags)
             self.tracker.log_metrics(step, {**metrics, **self.hp_metrics})
             self.hp_metrics = {}
             if artifacts:

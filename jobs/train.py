@@ -22,6 +22,7 @@ from pathlib import Path
 from datasets.shards import ShardError, ShardSet
 from datasets.synthetic import ensure_generated
 from gan.config import Config, ConfigError, flatten, from_flat, load, validate
+from gan.inception import ExtractorError
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Plan:
     run_name: str
     storage_path: str
     resume: bool
+    evaluation: dict | None = None  # what the FID means (extractor, sha1, protocol, held-out set)
 
 
 def prepare(argv: list[str] | None) -> Plan:
@@ -46,7 +48,8 @@ def prepare(argv: list[str] | None) -> Plan:
     storage = Path(cfg.run.storage_path).resolve()
     cfg.run.storage_path = str(storage)
     if cfg.data.source == "generated":
-        shards = ensure_generated(cfg.data.path, cfg.data.generated_count, cfg.model.size, cfg.train.seed)
+        shards = ensure_generated(cfg.data.path, cfg.data.generated_count, cfg.model.size, cfg.train.seed,
+                                  heldout=cfg.data.generated_heldout)
     else:
         # Checksums once, here, before any worker starts: a damaged shard fails by name now.
         shards = ShardSet(cfg.data.path, verify_checksums=cfg.data.verify_checksums)
@@ -64,7 +67,19 @@ def prepare(argv: list[str] | None) -> Plan:
     if not args.resume and run_dir.exists():
         raise ConfigError(f"run.name: {run_dir} exists; pass --resume to continue it or choose another name")
     cfg.run.name = name
-    return Plan(cfg, name, str(storage), args.resume)
+    return Plan(cfg, name, str(storage), args.resume, check_evaluation(cfg))
+
+
+def check_evaluation(cfg: Config) -> dict | None:
+    """FID's extractor and held-out faces exist, and the real side is cached, before Ray starts."""
+    from gan.loop import NoHeldOut, prepare_evaluation, real_path
+
+    try:
+        if cfg.eval.audit_samples > 0:
+            real_path(cfg)
+        return prepare_evaluation(cfg) if cfg.eval.every_steps > 0 else None
+    except (ExtractorError, NoHeldOut) as e:
+        raise ConfigError(str(e)) from None
 
 
 def train_worker(loop_config: dict) -> None:
@@ -89,9 +104,12 @@ def train_worker(loop_config: dict) -> None:
                               f"facegan.best_{result.best['metric']}": f"{result.best['value']:.6g}"})
         tracker.set_tags({"facegan.final_step": str(result.step)})
         if cfg.eval.audit_samples > 0:
+            from gan.loop import feature_cache, real_path
             from jobs.audit import log_audit, run_audit
 
-            report, picture = run_audit(cfg, result.generator, cfg.eval.audit_samples)
+            report, picture = run_audit(result.generator, cfg.data.path, real_path(cfg), cfg.eval.audit_samples,
+                                        cfg.eval.extractor, cfg.eval.inception_weights, seed=cfg.train.seed,
+                                        device=str(ctx.device), cache=feature_cache(cfg))
             log_audit(tracker, report, picture, step=result.step)
 
 
@@ -127,6 +145,11 @@ def run(argv: list[str] | None = None) -> dict:
     uri = resolve_tracking_uri()
     run_dir = str(Path(plan.storage_path) / plan.run_name)
     run_id = start_run(uri, plan.cfg.run.experiment, plan.run_name, run_dir, flatten(plan.cfg), plan.resume)
+    if plan.evaluation:
+        from mlflow.tracking import MlflowClient
+
+        for k, v in plan.evaluation.items():
+            MlflowClient(uri).set_tag(run_id, f"facegan.fid_{k}", str(v))
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS when set (e.g. under `ray job submit`), else starts a local one
     ok = False

@@ -44,6 +44,9 @@ class Sweep:
     reduction_factor: int = 2
     perturbation_interval: int = 500  # PBT, in steps
     space: dict = field(default_factory=dict)
+    # [config]: overrides of the base config for every trial (the sweep's budget and evaluation),
+    # applied after the preset and before the command line's --section.field=value.
+    config: dict = field(default_factory=dict)
 
 
 def load_sweep(path: str) -> Sweep:
@@ -51,12 +54,17 @@ def load_sweep(path: str) -> Sweep:
     if not p.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
     doc = tomllib.loads(p.read_text())
-    opts, space = doc.get("sweep", {}), doc.get("space", {})
-    known = set(Sweep.__dataclass_fields__) - {"space"}
+    opts, space, overrides = doc.get("sweep", {}), doc.get("space", {}), doc.get("config", {})
+    for top in doc:
+        if top not in ("sweep", "space", "config"):
+            raise ConfigError(f"{path}: unknown table [{top}]; expected [sweep], [space] and [config]")
+    apply(Config(), overrides, where=f"{path}: [config] ")  # a typo fails here, by name
+    known = set(Sweep.__dataclass_fields__) - {"space", "config"}
     for k in opts:
         if k not in known:
             raise ConfigError(f"{path}: unknown [sweep] key {k!r}; known: {', '.join(sorted(known))}")
-    sweep = Sweep(name=opts.get("name", p.stem), space=space, **{k: v for k, v in opts.items() if k != "name"})
+    sweep = Sweep(name=opts.get("name", p.stem), space=space, config=overrides,
+                  **{k: v for k, v in opts.items() if k != "name"})
     fields = set(flatten(Config())) | DERIVED
     if not space:
         raise ConfigError(f"{path}: [space] is empty; name at least one field to search")
@@ -252,7 +260,10 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
         df = r.metrics_dataframe
         score = float(df[sweep.metric].min())
         hp = {k: v for k, v in r.config.items() if not k.startswith("_")}
-        row = {"trial": Path(r.path).name, sweep.metric: score, "last_step": int(df["step"].max()), **hp}
+        tc = trial_config(r.config["_base"], hp)
+        row = {"trial": Path(r.path).name, sweep.metric: score, "last_step": int(df["step"].max()),
+               "lr_ratio": tc.optim.lr_d / tc.optim.lr_g, "label_lo": tc.loss.real_label_lo,
+               "label_hi": tc.loss.real_label_hi, **hp}
         rows.append(row)
         if best is None or score < best[0]:
             best = (score, r, hp)
@@ -272,6 +283,10 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
     sweep_dir = best[1].config["_sweep_dir"]
     last = {f"{sweep_dir}/{row['trial']}": row["last_step"] for row in rows}
     full = max(last.values())
+    from jobs.sweep_plot import plot_trials
+
+    png = plot_trials([{**row, "stopped_early": row["last_step"] < full} for row in rows], sweep.metric)
+    client.log_image(parent, _png_image(png), "sweep_fid.png")
     for run in client.search_runs([client.get_run(parent).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
         where = run.data.tags.get("facegan.run_dir")
@@ -283,6 +298,12 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
             client.set_terminated(run.info.run_id, "FINISHED")
     client.set_tag(parent, f"facegan.best_{sweep.metric}", f"{best[0]:.6g}")
     return buf.getvalue(), toml, {"score": best[0], "hp": best[2]}
+
+
+def _png_image(png: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png))
 
 
 def _toml(v) -> str:
@@ -300,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     args, rest = p.parse_known_args(argv)
     try:
-        cfg = validate(load(args.config, rest))
         sweep = load_sweep(args.sweep)
+        rest = [f"--{k}={v}" for k, v in sweep.config.items()] + rest  # the command line wins
+        cfg = validate(load(args.config, rest))
         trial_config(flatten(cfg), {})  # the base alone must be valid too
         if cfg.eval.every_steps <= 0:
             raise ConfigError("eval.every_steps: a sweep is judged by FID/KID; set it > 0")

@@ -47,11 +47,13 @@ def child_runs(client, parent: str) -> list:
 
 @pytest.fixture(scope="session")
 def faces64(tmp_path_factory) -> Path:
-    """512 procedural faces at 64px in small row groups (8 groups: enough for 2 workers)."""
+    """512 procedural faces at 64px in small row groups (8 groups: enough for 2 workers), at
+    ``.../train``, with 128 other faces as the held-out ``.../val`` beside them."""
     from datasets.synthetic import write_generated
 
-    out = tmp_path_factory.mktemp("faces64")
+    out = tmp_path_factory.mktemp("faces64") / "train"
     write_generated(out, 512, 64, seed=0, row_group_size=64)
+    write_generated(out.parent / "val", 128, 64, seed=0, row_group_size=64, start=512)
     return out
 
 

@@ -12,7 +12,7 @@ from datasets.synthetic import write_generated
 from gan import audit as A
 from gan.config import Config
 from gan.context import CHECKPOINT_FILE, LocalContext
-from gan.evaluate import Evaluator, Pixels, build_extractor
+from gan.evaluate import Evaluator, Pixels, iter_rows
 from gan.loop import train
 
 
@@ -37,14 +37,18 @@ def heldout(tmp_path_factory):
     return out
 
 
+def _faces(shards, n):
+    return np.concatenate(list(iter_rows(shards, n)))
+
+
 def _evaluator(shards, n, tmp_path, rank=0, world=1):
-    return Evaluator(Pixels(), shards, n, rank, world, torch.device("cpu"), tmp_path / "cache", "pixels",
+    return Evaluator(Pixels(), shards, n, rank, world, torch.device("cpu"), tmp_path / "cache",
                      batch_size=50, kid_subset_size=n)
 
 
 def test_identical_sets_score_zero_and_shifted_sets_do_not(heldout, tmp_path):
     shards = ShardSet(heldout)
-    faces = A.faces(shards, 200)
+    faces = _faces(shards, 200)
     same = _evaluator(shards, 200, tmp_path)(Replay(faces))
     # KID's unbiased estimator is off zero by O(1/n) on identical sets (its cross term keeps
     # the diagonal), so "≈ 0" there is relative to the shifted set's value.
@@ -52,13 +56,7 @@ def test_identical_sets_score_zero_and_shifted_sets_do_not(heldout, tmp_path):
     darker = (faces * 0.7).astype(np.uint8)
     shifted = _evaluator(shards, 200, tmp_path)(Replay(darker))
     assert shifted["fid"] > 1.0 and shifted["kid"] > 10 * abs(same["kid"])
-    assert list((tmp_path / "cache").glob("real-*.pt"))  # real side computed once, cached
-
-
-def test_inception_without_weights_warns_and_returns_none(monkeypatch, tmp_path):
-    monkeypatch.setenv("FACEGAN_INCEPTION_WEIGHTS", str(tmp_path / "missing.pth"))
-    with pytest.warns(RuntimeWarning, match="FID/KID disabled"):
-        assert build_extractor("inception") is None
+    assert list((tmp_path / "cache").glob("features-*.pt"))  # real side computed once, cached
 
 
 def _cfg(faces, heldout, storage, steps=30):
@@ -92,18 +90,24 @@ def test_best_generator_is_the_minimum_and_survives_resume(faces64, heldout, tmp
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
+def _px(u8):
+    return Pixels()(torch.from_numpy(u8).permute(0, 3, 1, 2))
+
+
 def test_audit_flags_copies_and_not_noise(faces64, heldout):
-    px = Pixels()
-    train_u8 = A.faces(ShardSet(faces64), 512)
-    held = A.features_of(px, A.faces(ShardSet(heldout), 256))
-    train_f = A.features_of(px, train_u8)
-    copies = A.audit(A.features_of(px, train_u8[:200]), train_f, held)
-    assert copies["flagged"] and copies["fraction_closer"] == 1.0
+    train_u8 = _faces(ShardSet(faces64), 512)
+    held = _px(_faces(ShardSet(heldout), 256))
+    train_f = _px(train_u8)
+    copies = A.audit(_px(train_u8[:200]), train_f, held)
+    assert copies["flagged"] and copies["fraction_memorized"] == 1.0 and copies["p_value"] < 1e-10
     noise = np.random.default_rng(0).integers(0, 256, (200, 64, 64, 3), dtype=np.uint8)
-    fresh = A.audit(A.features_of(px, noise), train_f, held)
-    assert not fresh["flagged"] and fresh["fraction_closer"] == 0.0
-    picture = A.closest_pairs(train_u8[:200], train_u8, copies, k=4)
+    fresh = A.audit(_px(noise), train_f, held)
+    assert not fresh["flagged"] and fresh["fraction_memorized"] == 0.0
+    picture = A.closest_pairs(train_u8[:200], lambda idx: train_u8[idx], copies, k=4)
     assert picture.size == (4 * 66 + 2, 2 * 66 + 2)
+    # Held-out faces that are training faces make the threshold meaningless: refused.
+    with pytest.raises(A.AuditError, match="identical to training faces"):
+        A.audit(_px(noise), train_f, train_f[:100])
 
 
 def test_sample_cli_from_checkpoint_run_and_registry(faces64, heldout, tmp_path, mlflow_store):

@@ -70,6 +70,7 @@ def test_ray_job_submit_lands_in_mlflow(ray_head, mlflow_server, faces64, tmp_pa
          "python", "-m", "jobs.train", "--config", "configs/smoke.toml",
          "--data.source=shards", f"--data.path={faces64}", "--model.width=0.0625",
          "--train.batch_size=16", "--train.max_steps=12", "--train.log_every=4",
+         "--eval.every_steps=12", "--eval.num_samples=32",
          f"--run.storage_path={tmp_path / 'runs'}", "--run.name=submitted",
          "--scale.cpus_per_worker=0.5"],
         env=env, capture_output=True, text=True, timeout=900)
@@ -81,6 +82,7 @@ def test_ray_job_submit_lands_in_mlflow(ray_head, mlflow_server, faces64, tmp_pa
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["train.max_steps"] == "12"
     assert [m.step for m in client.get_metric_history(run_id, "g_loss")] == [4, 8, 12]
+    assert [m.step for m in client.get_metric_history(run_id, "fid")] == [12]  # standard Inception, on the cluster
     assert "samples/final.png" in {a.path for a in client.list_artifacts(run_id, "samples")}
     assert (tmp_path / "runs" / "submitted" / "checkpoint_000000012" / "checkpoint.pt").is_file()
 

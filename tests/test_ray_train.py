@@ -25,7 +25,7 @@ def _args(faces, storage, name, steps, *extra):
     return ["--config", "configs/smoke.toml", f"--run.storage_path={storage}", f"--run.name={name}",
             "--data.source=shards", f"--data.path={faces}", "--model.width=0.0625",
             "--train.batch_size=16", f"--train.max_steps={steps}", "--train.log_every=5",
-            "--train.checkpoint_every=10", "--scale.cpus_per_worker=0.5", *extra]
+            "--train.checkpoint_every=10", "--scale.cpus_per_worker=0.5", "--eval.every_steps=0", *extra]
 
 
 def _steps(client, run_id, key="d_loss"):
@@ -231,15 +231,19 @@ def _eval_probe(config):
     """Each of 2 workers scores its share of the same 'generated' faces; torchmetrics syncs."""
     import torch.distributed as dist
 
+    import numpy as np
+
     from datasets.shards import ShardSet
-    from gan.audit import faces
-    from gan.evaluate import Evaluator, Pixels
+    from gan.evaluate import Evaluator, Pixels, iter_rows
+
+    def faces(shards, n):
+        return np.concatenate(list(iter_rows(shards, n)))
 
     rank, world = dist.get_rank(), dist.get_world_size()
     fakes = faces(ShardSet(config["fake"]), config["n"])[rank::world]
     G = _Replay(fakes)
     ev = Evaluator(Pixels(), ShardSet(config["real"]), config["n"], rank, world, torch.device("cpu"),
-                   config["cache"], "pixels", batch_size=32, kid_subset_size=config["n"])
+                   config["cache"], batch_size=32, kid_subset_size=config["n"])
     scores = ev(G)
     if rank == 0:
         Path(config["out"]).write_text(json.dumps(scores))
@@ -262,16 +266,20 @@ def test_distributed_fid_equals_single_process(faces64, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    import numpy as np
+
     from datasets.shards import ShardSet
     from datasets.synthetic import write_generated
-    from gan.audit import faces
-    from gan.evaluate import Evaluator, Pixels
+    from gan.evaluate import Evaluator, Pixels, iter_rows
+
+    def faces(shards, n):
+        return np.concatenate(list(iter_rows(shards, n)))
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     fake = tmp_path / "fake"
     write_generated(fake, 128, 64, seed=5, row_group_size=64)
     n = 128
-    single = Evaluator(Pixels(), ShardSet(faces64), n, 0, 1, torch.device("cpu"), tmp_path / "c1", "pixels",
+    single = Evaluator(Pixels(), ShardSet(faces64), n, 0, 1, torch.device("cpu"), tmp_path / "c1",
                        batch_size=32, kid_subset_size=n)(_Replay(faces(ShardSet(fake), n)))
     out = tmp_path / "dist.json"
     TorchTrainer(_eval_probe, train_loop_config={"fake": str(fake), "real": str(faces64), "n": n,
@@ -299,9 +307,32 @@ def test_run_with_evaluation_registers_best_and_audits(faces64, tmp_path, mlflow
     assert 1 <= len(versions) <= 3 and all(v.run_id == run_id for v in versions)
     arts = {a.path for a in client.list_artifacts(run_id, "audit")}
     assert arts == {"audit/summary.json", "audit/closest_pairs.png"}
-    assert len(client.get_metric_history(run_id, "audit_fraction_closer")) == 1
+    assert len(client.get_metric_history(run_id, "audit_fraction_memorized")) == 1
     from jobs import audit
 
     assert audit.main(["--run", run_id, "--samples", "32"]) in (0, 1)  # the CLI, on the logged model
-    assert '"fraction_closer"' in capsys.readouterr().out
-    assert len(client.get_metric_history(run_id, "audit_fraction_closer")) == 2
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["n_fake"] == 32 and report["n_train"] == 512 and report["n_heldout"] == 128
+    assert len(client.get_metric_history(run_id, "audit_fraction_memorized")) == 2
+
+
+def test_logged_fid_is_that_of_the_logged_generator(faces64, tmp_path, mlflow_store, root_cwd, capsys):
+    """2 workers, standard Inception: the FID logged at the published step equals jobs.fid on the
+    published model in one process (BN statistics averaged over the ranks before evaluating), and
+    the run records the extractor's hash."""
+    from gan.inception import STANDARD_SHA1
+    from jobs import fid as fid_job
+
+    assert train_job.main(_args(faces64, tmp_path / "runs", "consistent", 20, "--eval.every_steps=10",
+                                "--eval.num_samples=64", "--eval.extractor=inception")) == 0
+    run_id = capsys.readouterr().out.split("run_id: ")[1].split()[0]
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(run_id)
+    fid = {m.step: m.value for m in client.get_metric_history(run_id, "fid")}
+    assert sorted(fid) == [10, 20] and len(client.get_metric_history(run_id, "kid")) == 2
+    assert run.data.tags["facegan.fid_extractor_sha1"] == STANDARD_SHA1
+    step = int(run.data.tags["facegan.generator_step"])
+    again = fid_job.compute(str(faces64.parent / "val"), f"runs:/{run_id}/generator", 64,
+                            cache=str(tmp_path / "c"))
+    assert again["n_real"] == again["n_fake"] == 64
+    assert again["fid"] == pytest.approx(fid[step], rel=1e-3)

@@ -95,6 +95,25 @@ def test_search_is_seeded_by_train_seed(tmp_path, search):
     assert first[0] != first[1] and draw(0) == first and draw(1) != first
 
 
+def test_sweep_config_table_sits_between_preset_and_command_line(tmp_path):
+    sweep = _sweep(tmp_path, "cfg", "num_samples = 2", SPACE + '[config]\n"train.max_steps" = 77\n"eval.num_samples" = 99\n')
+    assert tune_job.load_sweep(sweep).config == {"train.max_steps": 77, "eval.num_samples": 99}
+    bad = _sweep(tmp_path, "bad", "num_samples = 2", SPACE + '[config]\n"train.max_stepz" = 1\n')
+    with pytest.raises(ConfigError, match=r"\[config\] unknown config key 'train.max_stepz'"):
+        tune_job.load_sweep(bad)
+    shipped = tune_job.load_sweep(str(ROOT / "configs" / "sweeps" / "smoke.toml"))
+    assert shipped.config["eval.extractor"] == "inception" and shipped.config["train.max_steps"] > 0
+
+
+def test_sweep_without_its_extractor_fails_before_any_trial(faces64, tmp_path, mlflow_store, capsys, monkeypatch):
+    monkeypatch.setenv("FACEGAN_INCEPTION_WEIGHTS", str(tmp_path / "gone.pt"))
+    sweep = _sweep(tmp_path, "noinception", "num_samples = 2\ngrace_period = 4")
+    rc = tune_job.main(_args(faces64, tmp_path / "runs", sweep, 24, "--eval.extractor=inception"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "gone.pt: FID Inception weights not found" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "noinception").exists()
+
+
 def test_gpu_request_without_gpus_is_refused(ray_local, faces64, tmp_path, mlflow_store, capsys):
     sweep = _sweep(tmp_path, "gpu", "num_samples = 2\ngrace_period = 4")
     rc = tune_job.main(_args(faces64, tmp_path / "runs", sweep, 24, "--scale.use_gpu=true",
@@ -115,14 +134,18 @@ def test_asha_optuna_sweep_stops_trials_early_and_logs_parent_children_best(ray_
     from mlflow.tracking import MlflowClient
 
     # Optuna's TPE picks the trials (random search is the default, used by the other sweeps here).
-    sweep = _sweep(tmp_path, "asha", 'num_samples = 4\ngrace_period = 4\nreduction_factor = 2\nsearch = "optuna"')
-    assert tune_job.main(_args(faces64, tmp_path / "runs", sweep, 24)) == 0
+    # The sweep file's [config] asks for the standard Inception at 32 samples; the command line's
+    # --eval.extractor=pixels (in _args) would win, so this test passes inception last.
+    sweep = _sweep(tmp_path, "asha", 'num_samples = 4\ngrace_period = 4\nreduction_factor = 2\nsearch = "optuna"',
+                   SPACE + '[config]\n"eval.num_samples" = 32\n"eval.every_steps" = 12\n')
+    assert tune_job.main(_args(faces64, tmp_path / "runs", sweep, 24, "--eval.extractor=inception")) == 0
     out = capsys.readouterr().out
     client = MlflowClient(mlflow_store)
     parent = _parent(client, "asha")
     children = child_runs(client, parent)
     assert len(children) == 4
-    assert {a.path for a in client.list_artifacts(parent)} >= {"results.csv", "best_config.toml"}
+    assert {a.path for a in client.list_artifacts(parent)} >= {"results.csv", "best_config.toml", "sweep_fid.png"}
+    assert client.get_run(parent).data.params["eval.num_samples"] == "32"  # from the sweep's [config]
     best = [c for c in children if c.data.tags.get("facegan.best_trial") == "true"]
     assert len(best) == 1
     table = list(csv.DictReader(Path(client.download_artifacts(parent, "results.csv", str(tmp_path))).open()))
@@ -140,9 +163,11 @@ def test_asha_optuna_sweep_stops_trials_early_and_logs_parent_children_best(ray_
     assert cfg.optim.lr_d == pytest.approx(float(top["optim.lr_g"]) * float(top["optim.lr_ratio"]))
     assert float(best[0].data.params["optim.lr_g"]) == pytest.approx(cfg.optim.lr_g)
     assert "best fid" in out and parent in out
-    # Every child holds its own metric history, judged by FID.
+    assert {"lr_ratio", "label_lo", "label_hi"} <= set(top)
+    # Every child holds its own metric history, judged by the standard Inception's FID.
     for c in children:
         assert client.get_metric_history(c.info.run_id, "fid")
+        assert c.data.params["eval.extractor"] == "inception" and c.data.params["eval.num_samples"] == "32"
 
 
 def test_pbt_exploit_restores_the_donor_checkpoint_and_continues_its_steps(ray_local, faces64, tmp_path,

@@ -1,0 +1,84 @@
+"""What ``--fake SPEC`` names, for jobs.fid and jobs.audit: faces as uint8 NHWC blocks.
+
+SPEC is one of: a shard set (a directory with ``manifest.json``), a folder of images (PNG,
+JPEG or WebP, all one size, taken in name order), an MLflow model (``runs:/<id>/generator``,
+``models:/<name>/<version>``) or a checkpoint (a ``checkpoint.pt`` file or the folder holding
+it). Generators are sampled in eval mode on the evaluation's latents (gan/evaluate.py), so the
+same seed and count score the same faces as the in-training evaluation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from datasets.shards import MANIFEST, ShardSet
+from gan.evaluate import eval_latents, iter_rows, to_uint8_nchw
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class SpecError(ValueError):
+    """A SPEC that names nothing usable; the message says what was expected."""
+
+
+def kind_of(spec: str) -> str:
+    if spec.startswith(("runs:/", "models:/")):
+        return "model"
+    path = Path(spec)
+    if (path / MANIFEST).is_file():
+        return "shards"
+    if path.is_file() or (path / "checkpoint.pt").is_file():
+        return "checkpoint"
+    if path.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()):
+        return "images"
+    raise SpecError(f"{spec}: expected a shard set (with {MANIFEST}), a folder of images, runs:/…, "
+                    f"models:/… or a checkpoint (file or folder)")
+
+
+def load_generator(spec: str) -> torch.nn.Module:
+    from jobs.sample import load_generator as load
+
+    try:
+        return load(spec)
+    except Exception as e:  # missing, not a checkpoint, truncated, unknown run: one line, not a traceback
+        raise SpecError(f"{spec}: cannot load a generator ({str(e).splitlines()[0]})") from None
+
+
+def _images(folder: Path, n: int) -> Iterator[np.ndarray]:
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
+    size = None
+    for start in range(0, len(files), 100):
+        block = []
+        for f in files[start:start + 100]:
+            try:
+                img = np.asarray(Image.open(f).convert("RGB"))
+            except (OSError, UnidentifiedImageError) as e:
+                raise SpecError(f"{f}: not a readable image ({e})") from None
+            if size is not None and img.shape != size:
+                raise SpecError(f"{f}: {img.shape[1]}x{img.shape[0]} px, the folder's first image is "
+                                f"{size[1]}x{size[0]}; all images must have one size")
+            size = img.shape
+            block.append(img)
+        yield np.stack(block)
+
+
+@torch.no_grad()
+def _sampled(G: torch.nn.Module, n: int, seed: int, batch: int, device) -> Iterator[np.ndarray]:
+    G = G.to(device).eval()
+    for z in eval_latents(n, G.z_dim, seed).split(batch):
+        yield to_uint8_nchw(G(z.to(device))).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def fake_faces(spec: str, n: int, seed: int = 0, batch: int = 100, device="cpu") -> Iterator[np.ndarray]:
+    """Up to ``n`` faces from SPEC (exactly ``n`` from a generator)."""
+    kind = kind_of(spec)
+    if kind == "shards":
+        return iter_rows(ShardSet(spec), n)
+    if kind == "images":
+        return _images(Path(spec), n)
+    return _sampled(load_generator(spec), n, seed, batch, device)
