@@ -30,6 +30,9 @@ class ModelConfig:
     bn_momentum: float = 0.01
     leaky_slope: float = 0.2
     init_std: float = 0.02
+    # Recipe options (the seed's choice first; benchmarks/quality.py measures the others):
+    d_norm: str = "batch"  # D's normalisation: "batch" (seed), "spectral" (spectral norm, no BN), "none"
+    g_upsample: str = "deconv"  # G's upsampling: "deconv" (seed: 5x5 stride-2 transposed conv), "resize" (nearest x2, then 5x5 conv)
 
 
 @dataclass
@@ -49,9 +52,15 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
+    # "seed": BCE with instance noise and one-sided label smoothing (the fields below);
+    # "nonsaturating": BCE with hard labels and no instance noise; "hinge": the hinge loss.
+    kind: str = "seed"
     real_label_lo: float = 0.9
     real_label_hi: float = 1.0
     noise_sigma_max: float = 0.1
+    diffaug: str = ""  # differentiable augmentation of every D input: e.g. "color,translation,cutout"
+    ada_target: float = 0.0  # > 0: augmentation probability adapts to keep E[sign(D(real))] near it
+    ada_images: int = 100_000  # images for the adaptive probability to go from 0 to 1
 
 
 @dataclass
@@ -241,6 +250,14 @@ def validate(cfg: Config) -> Config:
         (0.0 <= lo.real_label_lo <= lo.real_label_hi <= 1.0, "loss.real_label_lo/hi",
          f"need 0 <= lo <= hi <= 1, got lo={lo.real_label_lo}, hi={lo.real_label_hi}"),
         (lo.noise_sigma_max >= 0, "loss.noise_sigma_max", "must be >= 0"),
+        (lo.kind in ("seed", "nonsaturating", "hinge"), "loss.kind",
+         f"must be seed, nonsaturating or hinge, got {lo.kind!r}"),
+        (0.0 <= lo.ada_target < 1.0, "loss.ada_target", f"must be in [0, 1), got {lo.ada_target}"),
+        (lo.ada_target == 0 or bool(lo.diffaug), "loss.ada_target", "adapts loss.diffaug's ops: set loss.diffaug"),
+        (lo.ada_images > 0, "loss.ada_images", "must be > 0"),
+        (m.d_norm in ("batch", "spectral", "none"), "model.d_norm",
+         f"must be batch, spectral or none, got {m.d_norm!r}"),
+        (m.g_upsample in ("deconv", "resize"), "model.g_upsample", f"must be deconv or resize, got {m.g_upsample!r}"),
         (op.lr_d > 0 and math.isfinite(op.lr_d), "optim.lr_d", f"must be > 0, got {op.lr_d}"),
         (op.lr_g > 0 and math.isfinite(op.lr_g), "optim.lr_g", f"must be > 0, got {op.lr_g}"),
         (0 <= op.beta1 < 1 and 0 <= op.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)"),
@@ -274,4 +291,10 @@ def validate(cfg: Config) -> Config:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
+    from gan.augment import parse
+
+    try:
+        parse(lo.diffaug)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg

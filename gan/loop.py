@@ -13,6 +13,7 @@ from torch import nn
 
 from datasets.shards import ShardReader, ShardSet, prefetch
 from gan import bn, perf
+from gan.augment import AugmentState, parse
 from gan.config import Config, flatten
 from gan.checkpoint import FORMAT_VERSION
 from gan.context import Context, unwrap
@@ -182,12 +183,18 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
             "G": G.state_dict(), "D": D.state_dict(),
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "best": best,
+            "aug": aug.state_dict() if aug is not None else None,
             "rng": {"torch_cpu": torch.get_rng_state(), "step_seed": "blake2b(seed/rank/step)"},
             "config": flatten(cfg),
         }
 
+    lc = cfg.loss
+    aug = AugmentState(parse(lc.diffaug), lc.ada_target, lc.ada_images, ctx.device) if lc.diffaug else None
+    if aug is not None and state is not None and state.get("aug") is not None:
+        aug.load_state_dict(state["aug"])
     perf.compile_models(G, D, on)
-    nets = Nets(ctx.wrap(G), ctx.wrap(D), D, opt_g, opt_d, cfg.model.z_dim, perf.autocast_factory(on, ctx.device))
+    nets = Nets(ctx.wrap(G), ctx.wrap(D), D, opt_g, opt_d, cfg.model.z_dim, perf.autocast_factory(on, ctx.device),
+                lc.kind, aug)
     pin = ctx.device.type == "cuda"
 
     def to_tensor(images):  # in the prefetch thread: page-locked so the copy can be async
@@ -229,6 +236,8 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
             if ema is not None:
                 update_ema(ema, G, t.ema_decay)
             step, batch = step + 1, batch + 1
+            if aug is not None and step % aug.INTERVAL == 0:
+                aug.adjust(ctx.mean, t.batch_size)
             log_now, ckpt_now = step % t.log_every == 0, step % t.checkpoint_every == 0 or step == total
             eval_now = evaluator is not None and (step % cfg.eval.every_steps == 0 or step == total)
             if log_now or ckpt_now or eval_now or step == total:

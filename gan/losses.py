@@ -26,3 +26,19 @@ def g_loss(fake_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Ten
     """Non-saturating G loss: BCE(D(G(z)), 1)."""
     loss = F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
     return loss, {"g_loss": loss.detach()}
+
+
+def d_hinge(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Hinge D loss: E[relu(1 − D(x))] + E[relu(1 + D(G(z)))] (SAGAN, BigGAN)."""
+    loss = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    return loss, {
+        "d_loss": loss.detach(),
+        "d_real": torch.sigmoid(real_logits.detach()).mean(),
+        "d_fake": torch.sigmoid(fake_logits.detach()).mean(),
+    }
+
+
+def g_hinge(fake_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Hinge G loss: −E[D(G(z))]."""
+    loss = -fake_logits.mean()
+    return loss, {"g_loss": loss.detach()}

@@ -35,8 +35,12 @@ class Generator(nn.Module):
         self.act0 = nn.LeakyReLU(cfg.leaky_slope)
         blocks = []
         for cin, cout in zip(chans[:-1], chans[1:]):
+            if cfg.g_upsample == "resize":  # no uneven kernel overlap, hence no checkerboard
+                up = [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 5, padding=2)]
+            else:
+                up = [nn.ConvTranspose2d(cin, cout, 5, stride=2, padding=2, output_padding=1)]
             blocks += [
-                nn.ConvTranspose2d(cin, cout, 5, stride=2, padding=2, output_padding=1),
+                *up,
                 nn.BatchNorm2d(cout, eps=cfg.bn_eps, momentum=cfg.bn_momentum),
                 nn.LeakyReLU(cfg.leaky_slope),
             ]
@@ -55,15 +59,16 @@ class Discriminator(nn.Module):
         layers, cin = [], 3
         for c, stride in _D_LAYERS[cfg.size]:
             cout = _ch(c, cfg.width)
-            layers += [
-                nn.Conv2d(cin, cout, 5, stride=stride, padding=2),
-                nn.BatchNorm2d(cout, eps=cfg.bn_eps, momentum=cfg.bn_momentum),
-                nn.LeakyReLU(cfg.leaky_slope),
-            ]
+            norm = [nn.BatchNorm2d(cout, eps=cfg.bn_eps, momentum=cfg.bn_momentum)] if cfg.d_norm == "batch" else []
+            layers += [nn.Conv2d(cin, cout, 5, stride=stride, padding=2), *norm, nn.LeakyReLU(cfg.leaky_slope)]
             cin = cout
         self.body = nn.Sequential(*layers)
         self.fc = nn.Linear(cin * BOTTLENECK * BOTTLENECK, 1)
         init_weights(self, cfg.init_std)
+        if cfg.d_norm == "spectral":  # every weight's largest singular value held at 1 (Miyato et al.)
+            for m in [*self.body, self.fc]:
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.utils.parametrizations.spectral_norm(m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.body(x).flatten(1)).squeeze(1)
@@ -72,7 +77,7 @@ class Discriminator(nn.Module):
 def init_weights(module: nn.Module, std: float) -> None:
     """The seed's TF init: truncated normal (cut at 2 std) weights, zero biases, BN at identity."""
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):  # (resize-conv's Conv2d too)
             nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):

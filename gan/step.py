@@ -8,8 +8,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gan.augment import AugmentState, augment
 from gan.config import LossConfig
-from gan.losses import d_loss, g_loss
+from gan.losses import d_hinge, d_loss, g_hinge, g_loss
 from gan.models import sample_z
 
 
@@ -25,6 +26,11 @@ class Nets:
     z_dim: int
     # Wraps the forward passes (bf16 autocast, see gan/perf.py); losses are taken in fp32.
     autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
+    loss_kind: str = "seed"  # loss.kind
+    aug: AugmentState | None = None  # differentiable augmentation of D's inputs (gan/augment.py)
+
+    def d_in(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        return x if self.aug is None else augment(x, self.aug.ops, self.aug.p, gen)
 
 
 def to_unit_range(images_u8: torch.Tensor) -> torch.Tensor:
@@ -33,17 +39,22 @@ def to_unit_range(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 def augment_real(x: torch.Tensor, cfg: LossConfig, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """Random horizontal flips, then instance noise ε ~ N(0, σ²) with σ ~ U(0, σ_max) per step."""
+    """Random horizontal flips, then (the seed's loss only) instance noise ε ~ N(0, σ²) with
+    σ ~ U(0, σ_max) per step."""
     n = x.shape[0]
     flip = torch.rand(n, generator=gen, device=x.device) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    if cfg.kind != "seed":
+        return x, {}
     sigma = torch.rand((), generator=gen, device=x.device) * cfg.noise_sigma_max
     x = x + sigma * torch.randn(x.shape, generator=gen, device=x.device)
     return x, {"noise_sigma": sigma}
 
 
 def real_labels(n: int, cfg: LossConfig, gen: torch.Generator, device) -> torch.Tensor:
-    """Per-sample smoothed real labels y ~ U(lo, hi)."""
+    """Per-sample smoothed real labels y ~ U(lo, hi) (the seed's loss); hard 1s otherwise."""
+    if cfg.kind != "seed":
+        return torch.ones(n, device=device)
     lo, hi = cfg.real_label_lo, cfg.real_label_hi
     return lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
 
@@ -54,27 +65,34 @@ def grad_norm(params) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
 
 
-def d_step(x: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor, nets: Nets) -> dict:
+def d_step(x: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor, nets: Nets,
+           gen: torch.Generator | None = None) -> dict:
     """Updates D only: ``fake`` is detached, so no gradient reaches G."""
     # Real and fake go through D in two passes, as in the seed (BN statistics per pass); the
     # DDP wrapper has broadcast_buffers=False, so the second pass does not trip autograd.
     nets.opt_d.zero_grad(set_to_none=True)
     with nets.autocast():
-        real_logits, fake_logits = nets.D(x), nets.D(fake.detach())
-    loss, stats = d_loss(real_logits.float(), fake_logits.float(), labels)
+        real_logits, fake_logits = nets.D(nets.d_in(x, gen)), nets.D(nets.d_in(fake.detach(), gen))
+    if nets.loss_kind == "hinge":
+        loss, stats = d_hinge(real_logits.float(), fake_logits.float())
+    else:
+        loss, stats = d_loss(real_logits.float(), fake_logits.float(), labels)
+    if nets.aug is not None:
+        nets.aug.observe(real_logits)
+        stats["aug_p"] = nets.aug.p.detach().clone()
     loss.backward()
     stats["d_grad_norm"] = grad_norm(nets.D.parameters())
     nets.opt_d.step()
     return stats
 
 
-def g_step(fake: torch.Tensor, nets: Nets) -> dict:
+def g_step(fake: torch.Tensor, nets: Nets, gen: torch.Generator | None = None) -> dict:
     """Updates G only. D's gradients are not wanted, so the pass goes through the unwrapped D
     (nothing to all-reduce) and ``inputs=`` keeps autograd from computing D's weight grads."""
     nets.opt_g.zero_grad(set_to_none=True)
     with nets.autocast():
-        logits = nets.D_raw(fake)
-    loss, stats = g_loss(logits.float())
+        logits = nets.D_raw(nets.d_in(fake, gen))  # augmented too: the gradient flows through it
+    loss, stats = (g_hinge if nets.loss_kind == "hinge" else g_loss)(logits.float())
     loss.backward(inputs=list(nets.G.parameters()))
     stats["g_grad_norm"] = grad_norm(nets.G.parameters())
     nets.opt_g.step()
@@ -89,8 +107,8 @@ def train_step(images_u8: torch.Tensor, nets: Nets, cfg: LossConfig,
     labels = real_labels(x.shape[0], cfg, gen, x.device)
     with nets.autocast():
         fake = nets.G(sample_z(x.shape[0], nets.z_dim, gen, x.device))
-    stats = d_step(x, fake, labels, nets)
-    stats.update(g_step(fake, nets))
+    stats = d_step(x, fake, labels, nets, gen)
+    stats.update(g_step(fake, nets, gen))
     return {**stats, **aug_stats, "label_min": labels.min().detach(), "label_max": labels.max().detach()}
 
 

@@ -20,3 +20,21 @@ def test_train_step_benchmark_prints_one_json_line_per_variant():
         assert r["img_per_s"] > 0 and r["model_gflop_per_img"] > 0 and 0 < r["mfu"]
         assert r["seed_run_h"] == pytest.approx(6e6 / r["img_per_s"] / 3600, rel=0.01)  # 60 epochs x 100k
     assert rows[0]["speedup_vs_reference"] == 1.0
+
+
+def test_quality_benchmark_runs_variants_and_prints_json(faces64, tmp_path):
+    """A few steps of two variants (one ad hoc) through the real loop and the project's FID."""
+    out = tmp_path / "strips"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--variants", "ttur,ttur+mine:loss.kind=hinge",
+                           "--max-steps", "3", "--n", "32", "--width", "0.0625", "--extractor", "pixels",
+                           "--data", str(faces64.parent), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["variant"] for r in rows] == ["ttur", "ttur+mine"] and all(r["steps"] == 3 for r in rows)
+    assert rows[1]["overrides"]["loss.kind"] == "hinge" and rows[1]["overrides"]["optim.lr_d"] == 4e-4
+    assert all(r["fid"] > 0 and r["n"] == 32 for r in rows)
+    assert (out / "ttur-seed0.png").is_file() and "| ttur |" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--variants", "nope"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown variant 'nope'" in bad.stderr
