@@ -103,6 +103,15 @@ def test_sweep_config_table_sits_between_preset_and_command_line(tmp_path):
         tune_job.load_sweep(bad)
     shipped = tune_job.load_sweep(str(ROOT / "configs" / "sweeps" / "smoke.toml"))
     assert shipped.config["eval.extractor"] == "inception" and shipped.config["train.max_steps"] > 0
+    # Recipe switches as categorical choices: every combination is a valid trial config.
+    recipes = tune_job.load_sweep(str(ROOT / "configs" / "sweeps" / "recipes.toml"))
+    base = flatten(load(str(ROOT / "configs" / "celeba64.toml"), [f"--{k}={v}" for k, v in recipes.config.items()]))
+    import itertools
+
+    choices = {k: v["values"] for k, v in recipes.space.items() if v["type"] == "choice"}
+    assert set(choices) >= {"model.d_norm", "model.g_upsample", "loss.kind", "loss.diffaug"}
+    for combo in itertools.product(*choices.values()):
+        tune_job.trial_config(base, {**dict(zip(choices, combo)), "optim.lr_ratio": 4.0, "optim.lr_g": 1e-4})
 
 
 def test_sweep_without_its_extractor_fails_before_any_trial(faces64, tmp_path, mlflow_store, capsys, monkeypatch):
