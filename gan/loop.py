@@ -234,7 +234,7 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
             gen.manual_seed(step_seed(t.seed, ctx.rank, step))
             meter.add(train_step(x, nets, cfg.loss, gen))
             if ema is not None:
-                update_ema(ema, G, t.ema_decay)
+                update_ema(ema, G, t.ema_decay, step)
             step, batch = step + 1, batch + 1
             if aug is not None and step % aug.INTERVAL == 0:
                 aug.adjust(ctx.mean, t.batch_size)

@@ -113,7 +113,12 @@ def train_step(images_u8: torch.Tensor, nets: Nets, cfg: LossConfig,
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """EMA of the generator's weights. Its BN statistics are recomputed for its own weights
-    when it is used (gan/bn.py), not copied from the live generator, whose do not fit."""
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int | None = None) -> None:
+    """EMA of the generator's weights, with TensorFlow's warm-up when ``step`` is given: the
+    decay is min(decay, (1 + step) / (10 + step)), so a short run averages over its recent
+    steps rather than over weights from early training, which average to no face at all
+    (0.999 without warm-up gave FID 335 against the raw generator's 147 in 1,420 steps). Its BN
+    statistics are recomputed for its own weights when it is used (gan/bn.py)."""
+    if step is not None:
+        decay = min(decay, (1 + step) / (10 + step))
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)

@@ -140,3 +140,16 @@ def test_audit_calibration_on_celeba(celeba64, capsys, tmp_path):
     # Held-out faces that are the training faces: refused, in one line.
     rc, err = _audit(capsys, celeba64, celeba64 / "test", heldout="train")
     assert rc == 2 and "held-out rows are training rows" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ema_warms_up_like_tensorflow():
+    from gan.step import update_ema
+
+    ema, live = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        ema.weight.fill_(0.0)
+        live.weight.fill_(1.0)
+    update_ema(ema, live, 0.999, step=0)  # decay min(0.999, 1/10): mostly the live weights
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.9))
+    update_ema(ema, live, 0.999, step=10**6)  # late: the configured decay
+    assert torch.allclose(ema.weight, torch.full((2, 2), 0.9 + 0.1 * 0.001))

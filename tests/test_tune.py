@@ -143,18 +143,20 @@ def test_asha_optuna_sweep_stops_trials_early_and_logs_parent_children_best(ray_
     from mlflow.tracking import MlflowClient
 
     # Optuna's TPE picks the trials (random search is the default, used by the other sweeps here).
-    # The sweep file's [config] asks for the standard Inception at 32 samples; the command line's
-    # --eval.extractor=pixels (in _args) would win, so this test passes inception last.
+    # Ranked by the standard Inception's FID on 32 samples every 12 steps (the command line wins
+    # over _args' pixels); the sweep file's [config] sets what the command line leaves alone.
     sweep = _sweep(tmp_path, "asha", 'num_samples = 4\ngrace_period = 4\nreduction_factor = 2\nsearch = "optuna"',
-                   SPACE + '[config]\n"eval.num_samples" = 32\n"eval.every_steps" = 12\n')
-    assert tune_job.main(_args(faces64, tmp_path / "runs", sweep, 24, "--eval.extractor=inception")) == 0
+                   SPACE + '[config]\n"eval.kid_subset_size" = 16\n"eval.num_samples" = 1000\n')
+    assert tune_job.main(_args(faces64, tmp_path / "runs", sweep, 24, "--eval.extractor=inception",
+                               "--eval.every_steps=12", "--eval.num_samples=32")) == 0
     out = capsys.readouterr().out
     client = MlflowClient(mlflow_store)
     parent = _parent(client, "asha")
     children = child_runs(client, parent)
     assert len(children) == 4
     assert {a.path for a in client.list_artifacts(parent)} >= {"results.csv", "best_config.toml", "sweep_fid.png"}
-    assert client.get_run(parent).data.params["eval.num_samples"] == "32"  # from the sweep's [config]
+    params = client.get_run(parent).data.params
+    assert params["eval.kid_subset_size"] == "16" and params["eval.num_samples"] == "32"  # [config], then the CLI
     best = [c for c in children if c.data.tags.get("facegan.best_trial") == "true"]
     assert len(best) == 1
     table = list(csv.DictReader(Path(client.download_artifacts(parent, "results.csv", str(tmp_path))).open()))
