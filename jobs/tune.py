@@ -149,6 +149,11 @@ def trainable(config: dict) -> None:
     run_id = start_run(config["_uri"], cfg.run.experiment, ctx.get_trial_name(),
                        f"{config['_sweep_dir']}/{trial_id}", {**flatten(cfg), **params}, resume=True,
                        parent_run_id=config["_parent"])
+    if config.get("_evaluation"):  # what the trial's FID means, as on a jobs.train run
+        from mlflow.tracking import MlflowClient
+
+        for k, v in config["_evaluation"].items():
+            MlflowClient(config["_uri"]).set_tag(run_id, f"facegan.fid_{k}", str(v))
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
 
     class ToTune(UserCallback):
@@ -217,7 +222,8 @@ def make_search(sweep: Sweep, seed: int, max_concurrent: int):
     return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
 
 
-def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, resume: bool):
+def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, resume: bool,
+                evaluation: dict | None = None):
     from ray import tune
     from ray.tune import RunConfig as TuneRunConfig
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
@@ -225,7 +231,7 @@ def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, 
     if sweep.scheduler == "pbt":  # an exploit needs a scored checkpoint every interval
         cfg.train.checkpoint_every = cfg.eval.every_steps = sweep.perturbation_interval
     fixed = {"_base": flatten(cfg), "_metric": sweep.metric, "_uri": uri, "_parent": parent, "_sweep_dir": f"{storage}/{sweep.name}",
-             "_train_storage": f"{storage}/{sweep.name}-train"}
+             "_train_storage": f"{storage}/{sweep.name}-train", "_evaluation": evaluation}
     # The trial driver only waits on its Train run; the workers hold the real resources.
     fn = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     if resume:
@@ -362,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         MlflowClient(uri).log_text(parent, Path(args.sweep).read_text(), "sweep.toml")
     status = "FAILED"
     try:
-        results = build_tuner(plan.cfg, sweep, storage, uri, parent, args.resume).fit()
+        results = build_tuner(plan.cfg, sweep, storage, uri, parent, args.resume, plan.evaluation).fit()
         # Tune returns normally after Ctrl+C, with the state saved; the trials it then cleans up
         # read TERMINATED, but only a trial that ended (or was stopped by the scheduler) has a
         # last result marked done, and trials not yet created are not in the grid at all.

@@ -179,6 +179,7 @@ def test_asha_optuna_sweep_stops_trials_early_and_logs_parent_children_best(ray_
     for c in children:
         assert client.get_metric_history(c.info.run_id, "fid")
         assert c.data.params["eval.extractor"] == "inception" and c.data.params["eval.num_samples"] == "32"
+        assert c.data.tags["facegan.fid_protocol"].startswith("stylegan3")
 
 
 def test_pbt_exploit_restores_the_donor_checkpoint_and_continues_its_steps(ray_local, faces64, tmp_path,
