@@ -42,9 +42,9 @@ def run_audit(fake: str | torch.nn.Module, train: str, heldout: str, n: int = 10
     dev = torch.device(device)
     ext = build_extractor(space, weights).to(dev)
     if isinstance(fake, torch.nn.Module):
-        from jobs.specs import _sampled
+        from jobs.specs import sample_faces
 
-        blocks = _sampled(fake, n, seed, batch, dev)
+        blocks = sample_faces(fake, n, seed, batch, dev)
     else:
         blocks = fake_faces(fake, n, seed, batch, dev)
     gen_u8 = np.concatenate(list(blocks))

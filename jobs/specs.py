@@ -68,7 +68,7 @@ def _images(folder: Path, n: int) -> Iterator[np.ndarray]:
 
 
 @torch.no_grad()
-def _sampled(G: torch.nn.Module, n: int, seed: int, batch: int, device) -> Iterator[np.ndarray]:
+def sample_faces(G: torch.nn.Module, n: int, seed: int, batch: int, device) -> Iterator[np.ndarray]:
     G = G.to(device).eval()
     for z in eval_latents(n, G.z_dim, seed).split(batch):
         yield to_uint8_nchw(G(z.to(device))).permute(0, 2, 3, 1).cpu().numpy()
@@ -81,4 +81,4 @@ def fake_faces(spec: str, n: int, seed: int = 0, batch: int = 100, device="cpu")
         return iter_rows(ShardSet(spec), n)
     if kind == "images":
         return _images(Path(spec), n)
-    return _sampled(load_generator(spec), n, seed, batch, device)
+    return sample_faces(load_generator(spec), n, seed, batch, device)

@@ -57,6 +57,19 @@ def faces64(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def celeba64(tmp_path_factory) -> Path:
+    """The CelebA sample from ../shared converted at 64 px (train/val/test), once per session."""
+    if not (CELEBA_SAMPLE / "img_align_celeba.zip").is_file():
+        pytest.skip("the CelebA sample is not in ../shared")
+    from datasets.celeba import main as convert
+
+    out = tmp_path_factory.mktemp("celeba64")
+    assert convert(["--src", str(CELEBA_SAMPLE / "img_align_celeba.zip"), "--partition",
+                    str(CELEBA_SAMPLE / "list_eval_partition.txt"), "--out", str(out), "--size", "64"]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
     """A real local Ray instance for one test module. Module scope, not session: the

@@ -15,21 +15,8 @@ from datasets.shards import ShardSet
 from gan.evaluate import build_extractor, features_of_rows, iter_rows
 from gan.inception import STANDARD_SHA1, ExtractorError, InceptionFID
 from jobs import fid as fid_job
-from tests.conftest import CELEBA_SAMPLE
 
 N = 200  # per side: ~35 s of Inception on 2 cores, and FID's covariance still well defined for the check
-
-
-@pytest.fixture(scope="module")
-def celeba_splits(tmp_path_factory):
-    if not (CELEBA_SAMPLE / "img_align_celeba.zip").is_file():
-        pytest.skip("the CelebA sample is not in ../shared")
-    from datasets.celeba import main as convert
-
-    out = tmp_path_factory.mktemp("celeba64")
-    assert convert(["--src", str(CELEBA_SAMPLE / "img_align_celeba.zip"), "--partition",
-                    str(CELEBA_SAMPLE / "list_eval_partition.txt"), "--out", str(out), "--size", "64"]) == 0
-    return out
 
 
 def _reference(real_u8: np.ndarray, fake_u8: np.ndarray) -> tuple[float, float]:
@@ -58,18 +45,18 @@ def _kid(x: np.ndarray, y: np.ndarray) -> float:
                  - 2 * kxy.mean())
 
 
-def test_fid_and_kid_match_an_independent_computation(celeba_splits, tmp_path):
-    val, test = ShardSet(celeba_splits / "val"), ShardSet(celeba_splits / "test")
+def test_fid_and_kid_match_an_independent_computation(celeba64, tmp_path):
+    val, test = ShardSet(celeba64 / "val"), ShardSet(celeba64 / "test")
     real_u8 = np.concatenate(list(iter_rows(val, N)))
     fake_u8 = np.concatenate(list(iter_rows(test, N)))
-    ours = fid_job.compute(str(celeba_splits / "val"), str(celeba_splits / "test"), N, cache=str(tmp_path / "c"))
+    ours = fid_job.compute(str(celeba64 / "val"), str(celeba64 / "test"), N, cache=str(tmp_path / "c"))
     ref_fid, ref_kid = _reference(real_u8, fake_u8)
     assert ours["n_real"] == ours["n_fake"] == N and ours["extractor_sha1"] == STANDARD_SHA1
     assert ours["fid"] == pytest.approx(ref_fid, rel=1e-3)
     assert ours["kid"] == pytest.approx(ref_kid, rel=1e-3)
     assert 20 < ours["fid"] < 150  # two sets of real faces: far from any generator's FID, not zero
     # The same set against itself: ~0 (both sides now come from the cache: no second Inception pass).
-    same = fid_job.compute(str(celeba_splits / "val"), str(celeba_splits / "val"), N, cache=str(tmp_path / "c"))
+    same = fid_job.compute(str(celeba64 / "val"), str(celeba64 / "val"), N, cache=str(tmp_path / "c"))
     assert abs(same["fid"]) < 1e-2 and same["seconds"] < ours["seconds"] / 3
     # KID's unbiased estimator is O(1/n) off zero on one set against itself (the cross term keeps
     # the diagonal): it must be that value exactly, computed here from the cached features.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -17,7 +16,6 @@ from gan.health import Health
 from gan.loop import train
 from gan.models import Generator, sample_z
 from jobs import audit as audit_job
-from tests.conftest import CELEBA_SAMPLE
 
 
 def _cfg(path, steps, ema=0.0):
@@ -105,18 +103,6 @@ def test_audit_run_config_ignores_derived_sweep_params():
     cfg = audit_job.run_config({"optim.lr_g": "0.001", "optim.lr_ratio": "2.0", "loss.real_label_hi_frac": "0.5",
                                 "eval.extractor": "pixels"})
     assert cfg.optim.lr_g == 0.001 and cfg.eval.extractor == "pixels"
-
-
-@pytest.fixture(scope="module")
-def celeba64(tmp_path_factory):
-    if not (CELEBA_SAMPLE / "img_align_celeba.zip").is_file():
-        pytest.skip("the CelebA sample is not in ../shared")
-    from datasets.celeba import main as convert
-
-    out = tmp_path_factory.mktemp("celeba64")
-    assert convert(["--src", str(CELEBA_SAMPLE / "img_align_celeba.zip"), "--partition",
-                    str(CELEBA_SAMPLE / "list_eval_partition.txt"), "--out", str(out), "--size", "64"]) == 0
-    return out
 
 
 def _audit(capsys, celeba64, fake, heldout="val", n=500, extra=()):
