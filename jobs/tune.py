@@ -43,6 +43,11 @@ class Sweep:
     grace_period: int = 100  # ASHA, in steps
     reduction_factor: int = 2
     perturbation_interval: int = 500  # PBT, in steps
+    # PBT: true waits for every trial at each interval, then the lower half clones the upper half.
+    # False (Ray's default) acts on each result as it comes, against the others' last scores: when
+    # the scores drift (FID rises or falls with the step), a trial can meet an exploit point only
+    # ever in the lower half while its donor never saved at the top, and nothing is exploited.
+    synch: bool = False
     space: dict = field(default_factory=dict)
     # [config]: overrides of the base config for every trial (the sweep's budget and evaluation),
     # applied after the preset and before the command line's --section.field=value.
@@ -60,9 +65,12 @@ def load_sweep(path: str) -> Sweep:
             raise ConfigError(f"{path}: unknown table [{top}]; expected [sweep], [space] and [config]")
     apply(Config(), overrides, where=f"{path}: [config] ")  # a typo fails here, by name
     known = set(Sweep.__dataclass_fields__) - {"space", "config"}
-    for k in opts:
+    for k, v in opts.items():
         if k not in known:
             raise ConfigError(f"{path}: unknown [sweep] key {k!r}; known: {', '.join(sorted(known))}")
+        want = type(Sweep.__dataclass_fields__[k].default) if k != "name" else str
+        if type(v) is not want:  # `synch = "no"` would be truthy
+            raise ConfigError(f"{path}: [sweep] {k} must be a {want.__name__}, got {v!r}")
     sweep = Sweep(name=opts.get("name", p.stem), space=space, config=overrides,
                   **{k: v for k, v in opts.items() if k != "name"})
     fields = set(flatten(Config())) | DERIVED
@@ -243,7 +251,8 @@ def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, 
     else:
         scheduler = PopulationBasedTraining(time_attr="step", perturbation_interval=sweep.perturbation_interval,
                                             hyperparam_mutations=tune_space(sweep), quantile_fraction=0.5,
-                                            custom_explore_fn=functools.partial(clamp_to_space, sweep.space))
+                                            custom_explore_fn=functools.partial(clamp_to_space, sweep.space),
+                                            synch=sweep.synch)
     search = make_search(sweep, cfg.train.seed, _max_concurrent(cfg, sweep))
     return tune.Tuner(
         fn, param_space={**tune_space(sweep), **fixed},
