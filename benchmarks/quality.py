@@ -15,8 +15,11 @@ Variants run one after another in this process with fixed seeds; ``--seeds 2`` s
 run-to-run spread. Prints one JSON line per run, then a table (mean ± half-range over seeds),
 and writes a strip of 16 samples per variant to ``--out`` (PNG).
 
-A variant is a name from VARIANTS, or ``base+name:section.field=value;...`` for an ad-hoc one
-(on top of the variant ``base`` when it is one, e.g. ``ttur+sn2:model.d_norm=spectral``).
+A variant is a name from VARIANTS, a preset (``configs/faces64.toml``, or ``faces64`` for
+``configs/faces64.toml``: its recipe, the [loss], [optim] and [model] fields but size and width,
+and train.batch_size / train.ema_decay, on the protocol), or ``base+name:section.field=value;...``
+for an ad-hoc one (on top of the variant ``base`` when it is one, e.g.
+``ttur+sn2:model.d_norm=spectral``).
 """
 from __future__ import annotations
 
@@ -56,7 +59,24 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+# What a preset contributes to the protocol: its recipe, not its data, size, budget or cluster.
+RECIPE_SECTIONS = ("loss", "optim", "model")
+RECIPE_EXTRA = {"train.batch_size", "train.ema_decay"}
+PROTOCOL_FIELDS = {"model.size", "model.width"}
+
+
+def preset_recipe(path: Path) -> dict:
+    from gan.config import flatten, load
+
+    cfg, default = flatten(load(path)), flatten(Config())
+    return {k: v for k, v in cfg.items() if (k.split(".")[0] in RECIPE_SECTIONS or k in RECIPE_EXTRA)
+            and k not in PROTOCOL_FIELDS and v != default[k]}
+
+
 def parse_variant(spec: str) -> tuple[str, dict]:
+    preset = Path(spec) if spec.endswith(".toml") else ROOT / "configs" / f"{spec}.toml"
+    if ":" not in spec and spec not in VARIANTS and preset.is_file():
+        return preset.stem, preset_recipe(preset)
     if ":" not in spec:
         if spec not in VARIANTS:
             raise ConfigError(f"--variants: unknown variant {spec!r}; known: {', '.join(VARIANTS)} "

@@ -265,7 +265,7 @@ def validate(cfg: Config) -> Config:
         (t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}"),
         (t.batch_size % max(sc.num_workers, 1) == 0, "train.batch_size",
          f"{t.batch_size} is not divisible by scale.num_workers={sc.num_workers}"),
-        (t.epochs >= 1 or t.max_steps >= 1, "train.epochs", "epochs or max_steps must be >= 1"),
+        (t.epochs >= 1, "train.epochs", f"must be >= 1 (train.max_steps caps the steps), got {t.epochs}"),
         (t.max_steps >= 0, "train.max_steps", "must be >= 0"),
         (t.log_every >= 1, "train.log_every", "must be >= 1"),
         (t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1"),

@@ -74,3 +74,16 @@ class Health:
         fresh = {k: v for k, v in flags.items() if k not in self.raised}
         self.raised |= set(flags)
         return out, fresh
+
+
+def nonfinite(window: dict[str, torch.Tensor], nets: dict[str, nn.Module], mean) -> list[str]:
+    """What is NaN/inf on any rank: the window's summed stats (losses, scores) and each net's
+    weights. One all-reduce (``mean`` is Context.mean), so every rank reaches the same verdict
+    and they stop together. Checked before anything is evaluated, checkpointed or published."""
+    names = list(window) + [f"{n} weights" for n in nets]
+    checks = [torch.isfinite(v).all() for v in window.values()]
+    checks += [torch.stack([torch.isfinite(p).all() for p in net.parameters()]).all() for net in nets.values()]
+    if not checks:
+        return []
+    bad = mean((~torch.stack(checks)).float())
+    return [n for n, b in zip(names, bad.tolist()) if b > 0]

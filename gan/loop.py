@@ -18,7 +18,7 @@ from gan.config import Config, flatten
 from gan.checkpoint import FORMAT_VERSION
 from gan.context import Context, unwrap
 from gan.evaluate import Evaluator, build_extractor, iter_rows
-from gan.health import PROBE, Health
+from gan.health import PROBE, Health, nonfinite
 from gan.images import grid, png_bytes, sample_grid_png
 from gan.models import build, sample_z
 from gan.step import Nets, train_step, update_ema
@@ -34,6 +34,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int | None = None
     best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best evaluated generator
+    diverged: str = ""  # why training stopped on a non-finite state (nothing of it was saved)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -217,6 +218,7 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
 
     if resumed_from is not None:
         ctx.report(step, {"resumed_from_step": float(step)})
+    saved = resumed_from  # the last checkpoint's step: all checkpoints hold finite weights
 
     def grid_artifact(name: str) -> dict[str, bytes] | None:
         settle()
@@ -241,6 +243,8 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
             log_now, ckpt_now = step % t.log_every == 0, step % t.checkpoint_every == 0 or step == total
             eval_now = evaluator is not None and (step % cfg.eval.every_steps == 0 or step == total)
             if log_now or ckpt_now or eval_now or step == total:
+                if bad := nonfinite(meter.sums, {"G": G, "D": D}, ctx.mean):
+                    return diverged(ctx, step, bad, saved, G, D)
                 settle()
             scores, publish, tags = {}, None, {}
             if eval_now:
@@ -255,6 +259,7 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
                 if flags and ctx.rank == 0:
                     print(f"facegan health: {' | '.join(flags.values())}", flush=True)
                 ctx.report(step, metrics, checkpoint=capture if ckpt_now else None, model=publish, tags=tags)
+                saved = step if ckpt_now else saved
             elif scores:
                 ctx.report(step, scores, model=publish)
             if step >= total or ctx.should_stop():
@@ -263,6 +268,17 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
             ctx.report(step, {}, artifacts=grid_artifact(f"epoch_{epoch + 1:03d}"))
     ctx.report(step, {}, artifacts=grid_artifact("final"))
     return TrainResult(step, unwrap(nets.G) if ema is None else ema, D, metrics, resumed_from, best)
+
+
+def diverged(ctx: Context, step: int, bad: list[str], saved: int | None, G, D) -> TrainResult:
+    """Stops on a non-finite state without checkpointing, scoring or publishing it: the kept
+    checkpoints are all from before (none is rotated out for a NaN one)."""
+    where = f"the last good checkpoint is step {saved}" if saved is not None else "no checkpoint was written"
+    msg = f"training diverged: non-finite {', '.join(bad)} at step {step}; stopped without saving it ({where})"
+    if ctx.rank == 0:
+        print(f"facegan: {msg}", flush=True)
+    ctx.report(step, {"diverged_at_step": float(step)}, tags={"facegan.failed_reason": msg})
+    return TrainResult(step, G, D, {}, diverged=msg)
 
 
 def load_into(state: dict, G, D, opt_g, opt_d, cfg: Config) -> tuple[int, int, int, dict | None]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import ray.train
 import ray.train.torch
 
-from gan.checkpoint import load_state, save_state
+from gan.checkpoint import CheckpointError, load_state, save_state
 from gan.context import CHECKPOINT_FILE, TorchDistributedContext
 from jobs.tracking import Tracker
 
@@ -22,6 +22,7 @@ class RayTrainContext(TorchDistributedContext):
         # restarted from a donor's or its own earlier checkpoint).
         self.init_checkpoint = init_checkpoint
         self.last_scores: dict[str, float] = {}
+        self.ckpt_suffix = ""  # set when a resume skipped damaged checkpoints (load_checkpoint)
         # TorchTrainer has set up the process group; these agree with torch.distributed.
         ctx = ray.train.get_context()
         assert self.rank == ctx.get_world_rank() and self.world_size == ctx.get_world_size()
@@ -37,8 +38,26 @@ class RayTrainContext(TorchDistributedContext):
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return load_state(Path(self.init_checkpoint) / CHECKPOINT_FILE) if self.init_checkpoint else None
-        with ckpt.as_directory() as d:
-            return load_state(Path(d) / CHECKPOINT_FILE)
+        # The latest first; a damaged one is named and the one before it used, so a corrupt
+        # file costs the steps since the previous checkpoint, not the run.
+        skipped = []
+        for c in [ckpt, *_older(ckpt)]:
+            try:
+                with c.as_directory() as d:
+                    state = load_state(Path(d) / CHECKPOINT_FILE)
+            except CheckpointError as e:
+                skipped.append(f"skipping checkpoint {c.path}: {e}")
+                if self.rank == 0:
+                    print(f"facegan: {skipped[-1]}", flush=True)
+                continue
+            if skipped:
+                # The steps after this one get checkpointed again: under new names, since Ray
+                # still lists the damaged directories and deletes them when they rotate out.
+                self.ckpt_suffix = f"_from_{state['step']:09d}"
+                if self.tracker is not None:  # in the run's page, not only in a worker log
+                    self.tracker.set_tags({"facegan.skipped_checkpoints": " | ".join(skipped)})
+            return state
+        raise CheckpointError(f"no intact checkpoint in {ckpt.path.rsplit('/', 1)[0]}")
 
     def report(self, step, metrics, checkpoint=None, artifacts=None, model=None, tags=None) -> None:
         if self.tracker is not None:
@@ -65,4 +84,16 @@ class RayTrainContext(TorchDistributedContext):
                 save_state(checkpoint(), Path(tmp) / CHECKPOINT_FILE)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "step": step}, checkpoint=ckpt,
-                             checkpoint_dir_name=f"checkpoint_{step:09d}")
+                             checkpoint_dir_name=f"checkpoint_{step:09d}{self.ckpt_suffix}")
+
+
+def _older(ckpt) -> list:
+    """The run's earlier checkpoints, newest first, on the checkpoint's own filesystem (local
+    or object storage): the names carry the zero-padded step (``checkpoint_000000120``)."""
+    import pyarrow.fs as pafs
+
+    parent, name = ckpt.path.rstrip("/").rsplit("/", 1)
+    infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_") and i.base_name < name)
+    return [ray.train.Checkpoint(f"{parent}/{n}", filesystem=ckpt.filesystem) for n in reversed(names)]

@@ -50,16 +50,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--interpolate", type=int, default=0, help="frames per interpolation (0: none)")
     a = p.parse_args(argv)
+    from jobs.specs import SpecError, load_generator as load_or_explain
+
     try:
-        G = load_generator(a.model)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        G = load_or_explain(a.model)  # an unknown run, a text file, a truncated checkpoint: one line
+    except SpecError as e:
+        print(f"error: --model {e}", file=sys.stderr)
         return 2
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(a.seed)
     z = sample_z(a.n, G.z_dim, gen)
-    images = to_uint8(G(z))
+    raw = G(z)
+    if not torch.isfinite(raw).all():  # would save as black squares
+        print(f"error: --model {a.model}: the generator outputs NaN/inf; it was saved from a diverged run",
+              file=sys.stderr)
+        return 1
+    images = to_uint8(raw)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     grid(images).save(out / "grid.png")
     from PIL import Image
 

@@ -40,17 +40,25 @@ def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+def find_run(tracking_uri: str, experiment: str, run_dir: str):
+    """The MLflow run that records ``run_dir``, or None."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    found = exp and client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
+                                       max_results=1)
+    return found[0] if found else None
+
+
 def start_run(tracking_uri: str, experiment: str, run_name: str, run_dir: str, params: dict,
               resume: bool, parent_run_id: str | None = None) -> str:
     """Creates the run (params logged once) or, on resume, finds the one for ``run_dir``."""
     client = MlflowClient(tracking_uri)
     exp_id = _experiment_id(client, experiment, tracking_uri)
     if resume:
-        found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
-                                   max_results=1)
+        found = find_run(tracking_uri, experiment, run_dir)
         if found:
-            client.update_run(found[0].info.run_id, status="RUNNING")
-            return found[0].info.run_id
+            client.update_run(found.info.run_id, status="RUNNING")
+            return found.info.run_id
     tags = {RUN_DIR_TAG: run_dir, RUN_NAME_TAG: run_name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # shows as nested under the sweep in the UI

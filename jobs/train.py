@@ -14,6 +14,7 @@ directory) before any Ray resource is requested; errors are one line and exit st
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -21,8 +22,17 @@ from pathlib import Path
 
 from datasets.shards import ShardError, ShardSet
 from datasets.synthetic import ensure_generated
+from gan.checkpoint import CheckpointError
 from gan.config import Config, ConfigError, flatten, from_flat, load, validate
 from gan.inception import ExtractorError
+
+
+class Diverged(RuntimeError):
+    """Training met a non-finite state and stopped (gan/loop.py): exit 1, run FAILED."""
+
+
+class Interrupted(Exception):
+    """Ctrl+C during training: exit 130, run KILLED."""
 
 
 @dataclass
@@ -48,14 +58,20 @@ def prepare(argv: list[str] | None) -> Plan:
     storage = Path(cfg.run.storage_path).resolve()
     cfg.run.storage_path = str(storage)
     if cfg.data.source == "generated":
-        shards = ensure_generated(cfg.data.path, cfg.data.generated_count, cfg.model.size, cfg.train.seed,
-                                  heldout=cfg.data.generated_heldout)
+        try:
+            shards = ensure_generated(cfg.data.path, cfg.data.generated_count, cfg.model.size, cfg.train.seed,
+                                      heldout=cfg.data.generated_heldout)
+        except ValueError as e:  # the generated set there is another one (count, size or seed)
+            raise ConfigError(f"data.generated_count/data.path: {e}") from None
     else:
         # Checksums once, here, before any worker starts: a damaged shard fails by name now.
         shards = ShardSet(cfg.data.path, verify_checksums=cfg.data.verify_checksums)
     if shards.image_size != cfg.model.size:
         raise ConfigError(f"data.path {cfg.data.path} holds {shards.image_size}px faces but "
                           f"model.size is {cfg.model.size}")
+    if cfg.train.batch_size > shards.count:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} exceeds the {shards.count} faces in "
+                          f"{cfg.data.path}: an epoch would have no step")
 
     if args.resume and not cfg.run.name:
         raise ConfigError("--resume needs run.name (the run to continue)")
@@ -67,7 +83,21 @@ def prepare(argv: list[str] | None) -> Plan:
     if not args.resume and run_dir.exists():
         raise ConfigError(f"run.name: {run_dir} exists; pass --resume to continue it or choose another name")
     cfg.run.name = name
+    # After the checks that write nothing (a config that fails there creates no directory),
+    # before the real side of FID is cached under it.
+    writable(storage, "run.storage_path")
     return Plan(cfg, name, str(storage), args.resume, check_evaluation(cfg))
+
+
+def writable(path: Path, key: str) -> None:
+    """Creates ``path`` and writes a file in it, now, rather than after an epoch of training."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".facegan-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{key}: {path} is not writable ({e.strerror or e})") from None
 
 
 def check_evaluation(cfg: Config) -> dict | None:
@@ -96,7 +126,9 @@ def train_worker(loop_config: dict) -> None:
     ctx = RayTrainContext(tracker, cfg.model, cfg.eval.register_as, loop_config.get("init_checkpoint"),
                           loop_config.get("hp"))
     result = train(cfg, ctx)
-    if tracker is not None:
+    if tracker is not None and result.diverged:  # nothing to publish or audit; the driver fails the run
+        tracker.set_tags({"facegan.final_step": str(result.step)})
+    elif tracker is not None:
         if result.best is None:  # no evaluation: the final generator is the model
             tracker.log_generator(result.generator, cfg.model, step=result.step, register_as=cfg.eval.register_as)
         else:
@@ -140,25 +172,56 @@ def run(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from jobs.tracking import end_run, resolve_tracking_uri, start_run
+    from jobs.tracking import end_run, find_run, resolve_tracking_uri, start_run
 
     uri = resolve_tracking_uri()
     run_dir = str(Path(plan.storage_path) / plan.run_name)
+    prior = find_run(uri, plan.cfg.run.experiment, run_dir) if plan.resume else None
     run_id = start_run(uri, plan.cfg.run.experiment, plan.run_name, run_dir, flatten(plan.cfg), plan.resume)
-    if plan.evaluation:
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
-        for k, v in plan.evaluation.items():
-            MlflowClient(uri).set_tag(run_id, f"facegan.fid_{k}", str(v))
+    client = MlflowClient(uri)
+    before = (prior.info.status if prior else "RUNNING", _last_step(client, run_id))
+    for k, v in (plan.evaluation or {}).items():
+        client.set_tag(run_id, f"facegan.fid_{k}", str(v))
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS when set (e.g. under `ray job submit`), else starts a local one
-    ok = False
+    if plan.resume and "facegan.failed_reason" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "facegan.failed_reason")  # this attempt gets its own verdict
+    ok, reason = False, None
     try:
         result = build_trainer(plan, uri, run_id).fit()
-        ok = True
+        # Rank 0 tags a divergence (gan/loop.py); Ray's Result only keeps checkpointed metrics.
+        reason = client.get_run(run_id).data.tags.get("facegan.failed_reason")
+        ok = reason is None
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl+C: Ray Train's own SIGINT handler aborts the run and then calls sys.exit(0) in the
+        # middle of fit(). The checkpoints so far are kept; --resume continues.
+        ok = "KILLED"
+        raise Interrupted(plan.run_name) from None
     finally:
-        end_run(uri, run_id, ok)
+        # A resume that failed before training a step leaves the run as it was (FINISHED stays).
+        unchanged = plan.resume and not ok and reason is None and _last_step(client, run_id) == before[1]
+        end_run(uri, run_id, before[0] if unchanged else ok)
+    if reason is not None:
+        raise Diverged(reason)
     return {"run_id": run_id, "tracking_uri": uri, "run_dir": run_dir, "result": result}
+
+
+def worker_error(e: BaseException) -> str | None:
+    """The first worker's failure that facegan explains itself (a damaged checkpoint, shard or
+    config), as one line; None for anything else (a bug: its traceback is what helps)."""
+    for rank, err in sorted((getattr(e, "worker_failures", None) or {}).items()):
+        cause = getattr(err, "cause", None) or err  # Ray wraps a worker's exception
+        if isinstance(cause, (CheckpointError, ShardError, ConfigError)):
+            return f"worker {rank}: {str(cause).splitlines()[0]}"
+    return None
+
+
+def _last_step(client, run_id: str) -> int:
+    """The run's last logged training step (-1: none)."""
+    steps = [m.step for m in client.get_metric_history(run_id, "d_loss")]
+    return max(steps, default=-1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +230,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        again = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume" and not a.startswith("--run.name=")]
+        print(f"interrupted; run {e} is KILLED with its checkpoints kept. Continue it with:\n"
+              f"  python -m jobs.train {' '.join(again)} --run.name={e} --resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # a worker's known failure is one line; anything else keeps its traceback
+        known = worker_error(e)
+        if known is None:
+            raise
+        print(f"error: {known}", file=sys.stderr)
+        return 1
     print(f"run_id: {out['run_id']}")
     print(f"tracking_uri: {out['tracking_uri']}")
     print(f"checkpoints: {out['run_dir']}")

@@ -179,6 +179,7 @@ def trainable(config: dict) -> None:
         except BaseException as e:  # re-raised in the trial
             outcome["error"] = e
 
+    diverged = None
     th = threading.Thread(target=fit, daemon=True)
     th.start()
     while th.is_alive() or not queue.empty():
@@ -186,11 +187,16 @@ def trainable(config: dict) -> None:
             metrics, path = queue.get(timeout=1)
         except Exception:  # queue.Empty
             continue
-        if config["_metric"] in metrics:  # Tune wants its metric in every result it is given
+        if "diverged_at_step" in metrics:  # the worst score for the scheduler, then a failed trial
+            diverged = {**metrics, config["_metric"]: math.inf}
+            tune.report(diverged)
+        elif config["_metric"] in metrics:  # Tune wants its metric in every result it is given
             tune.report(metrics, checkpoint=Checkpoint(path) if path else None)
-    end_run(config["_uri"], run_id, "error" not in outcome)
+    end_run(config["_uri"], run_id, "error" not in outcome and diverged is None)
     if "error" in outcome:
         raise outcome["error"]
+    if diverged is not None:
+        raise RuntimeError(f"trial {trial_id} diverged at step {int(diverged['diverged_at_step'])}")
 
 
 def clamp_to_space(space: dict, config: dict) -> dict:

@@ -38,3 +38,16 @@ def test_quality_benchmark_runs_variants_and_prints_json(faces64, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--variants", "nope"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown variant 'nope'" in bad.stderr
+
+
+def test_quality_variant_from_a_preset_takes_its_recipe_not_its_protocol(tmp_path):
+    from benchmarks.quality import parse_variant
+
+    preset = tmp_path / "mine.toml"
+    preset.write_text('[model]\nsize = 128\nwidth = 1.0\ng_upsample = "resize"\n[loss]\nkind = "hinge"\n'
+                      '[optim]\nlr_d = 4e-4\n[train]\nbatch_size = 32\nepochs = 60\n[data]\npath = "x"\n'
+                      '[scale]\nnum_workers = 4\n')
+    name, recipe = parse_variant(str(preset))
+    assert name == "mine"
+    assert recipe == {"model.g_upsample": "resize", "loss.kind": "hinge", "optim.lr_d": 4e-4,
+                      "train.batch_size": 32}

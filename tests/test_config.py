@@ -65,6 +65,8 @@ def _train_cli(tmp_path, *args):
     (["--model.size=96"], "model.size: must be 64 or 128"),
     (["--train.bogus=1"], "unknown config key 'train.bogus'"),
     (["--data.source=shards", "--data.path=nowhere"], "nowhere does not exist"),
+    (["--train.epochs=0"], "train.epochs: must be >= 1"),
+    (["--train.batch_size=1024", "--data.generated_count=1000"], "train.batch_size 1024 exceeds the 1000 faces"),
 ])
 def test_train_cli_fails_fast_before_ray(tmp_path, args, needle):
     proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"), *args)
@@ -74,6 +76,23 @@ def test_train_cli_fails_fast_before_ray(tmp_path, args, needle):
     # Nothing was started or written: no Ray session, no MLflow store, no run directory.
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
     assert "Ray" not in proc.stdout + proc.stderr
+
+
+def test_train_cli_names_an_unwritable_storage_and_a_different_generated_set(tmp_path):
+    (tmp_path / "afile").write_text("")
+    proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"),
+                      f"--run.storage_path={tmp_path / 'afile' / 'runs'}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: run.storage_path: {tmp_path / 'afile' / 'runs'} is not writable (Not a directory)"]
+    # Generated faces already at data.path but drawn with another count: named, not redrawn.
+    from datasets.synthetic import ensure_generated
+
+    ensure_generated(tmp_path / "gen", 500, 64)
+    proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"), "--data.generated_count=600",
+                      "--data.generated_heldout=0", f"--data.path={tmp_path / 'gen'}")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "data.generated_count/data.path" in lines[0]
+    assert "holds a different shard set" in lines[0] and "count 500" in lines[0]
 
 
 def test_empty_shard_directory_is_an_error(tmp_path):

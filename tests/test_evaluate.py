@@ -110,7 +110,7 @@ def test_audit_flags_copies_and_not_noise(faces64, heldout):
         A.audit(_px(noise), train_f, train_f[:100])
 
 
-def test_sample_cli_from_checkpoint_run_and_registry(faces64, heldout, tmp_path, mlflow_store):
+def test_sample_cli_from_checkpoint_run_and_registry(faces64, heldout, tmp_path, mlflow_store, capsys):
     from PIL import Image
 
     from gan.checkpoint import generator_from_state, load_state
@@ -137,4 +137,16 @@ def test_sample_cli_from_checkpoint_run_and_registry(faces64, heldout, tmp_path,
         outputs[name] = np.asarray(Image.open(out / "sample_003.png"))
     # The same EMA weights through every route give the same faces.
     assert all(np.array_equal(outputs["ckpt"], o) for o in outputs.values())
-    assert sample.main(["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    # What is not a generator is one line (exit 2); a NaN generator writes no black faces (exit 1).
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "cut.pt").write_bytes(ckpt.read_bytes()[:1000])
+    for bad, needle in ((tmp_path / "nothing", "expected runs:/"), (tmp_path / "notes.txt", "unreadable as a checkpoint"),
+                        (tmp_path / "cut.pt", "unreadable as a checkpoint"), ("runs:/0123456789abcdef/generator", "")):
+        capsys.readouterr()
+        assert sample.main(["--model", str(bad), "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --model {bad}") and needle in err[0], err
+    state["ema"] = {k: v.float() * float("nan") if v.is_floating_point() else v for k, v in state["ema"].items()}
+    torch.save(state, tmp_path / "nan.pt")
+    assert sample.main(["--model", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "y")]) == 1
+    assert "outputs NaN" in capsys.readouterr().err and not (tmp_path / "y").exists()

@@ -52,3 +52,42 @@ def test_epoch_grids_and_final_checkpoint(faces64, tmp_path):
     assert [s for s, m in ctx.history if "d_loss" in m] == list(range(3, 40, 3)) + [40]
     st = load_state(tmp_path / CHECKPOINT_FILE)
     assert set(st) >= {"G", "D", "opt_g", "opt_d", "ema", "step", "rng", "data"}
+
+
+def test_divergence_stops_before_anything_non_finite_is_saved(faces64, tmp_path):
+    good = _cfg(faces64, 6)
+    good.train.checkpoint_every = 6
+    train(good, LocalContext(tmp_path, resume=False))
+    before, grid = load_state(tmp_path / CHECKPOINT_FILE), (tmp_path / "samples" / "final.png").read_bytes()
+    # The same run resumed with absurd learning rates: NaN within a window.
+    bad = _cfg(faces64, 30)
+    bad.train.checkpoint_every = 3
+    bad.optim.lr_d = bad.optim.lr_g = 1e30
+    ctx = LocalContext(tmp_path, resume=True)
+    res = train(bad, ctx)
+    assert res.step == 9 and "at step 9" in res.diverged and "last good checkpoint is step 6" in res.diverged
+    assert "d_loss" in res.diverged and ctx.tags["facegan.failed_reason"] == res.diverged
+    assert ctx.checkpoint_steps == [] and ctx.best_steps == []  # nothing written after step 6
+    after = load_state(tmp_path / CHECKPOINT_FILE)
+    assert after["step"] == 6 and all(torch.equal(before["G"][k], after["G"][k]) for k in before["G"])
+    assert ctx.history[-1] == (9, {"diverged_at_step": 9.0})
+    assert (tmp_path / "samples" / "final.png").read_bytes() == grid  # no grid of NaN faces
+
+
+def test_damaged_checkpoints_fail_by_name(tmp_path):
+    import pytest
+
+    from gan.checkpoint import CheckpointError, save_state
+
+    path = tmp_path / CHECKPOINT_FILE
+    save_state({"format": 1, "w": torch.ones(1000)}, path)
+    assert load_state(path)["w"].sum() == 1000
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit inside the tensor data: torch.load alone takes it
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{CHECKPOINT_FILE}: damaged \(sha256"):
+        load_state(path)
+    path.write_bytes(bytes(data[:100]))  # truncated, and no digest to compare with
+    (tmp_path / f"{CHECKPOINT_FILE}.sha256").unlink()
+    with pytest.raises(CheckpointError, match=rf"{CHECKPOINT_FILE}: unreadable as a checkpoint"):
+        load_state(path)
