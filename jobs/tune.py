@@ -279,7 +279,10 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
         if r.metrics_dataframe is None or sweep.metric not in r.metrics_dataframe:
             continue
         df = r.metrics_dataframe
-        score = float(df[sweep.metric].min())
+        finite = df[sweep.metric][df[sweep.metric].apply(math.isfinite)]
+        if finite.empty:  # diverged before its first evaluation: nothing to rank
+            continue
+        score = float(finite.min())
         hp = {k: v for k, v in r.config.items() if not k.startswith("_")}
         tc = trial_config(r.config["_base"], hp)
         row = {"trial": Path(r.path).name, sweep.metric: score, "last_step": int(df["step"].max()),

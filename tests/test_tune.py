@@ -284,3 +284,24 @@ def test_interrupted_sweep_resumes_and_runs_every_trial_once(ray_local, faces64,
     for c in children:
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "fid")]
         assert len(steps) == len(set(steps)), steps
+
+
+def test_a_diverging_trial_fails_alone_and_the_sweep_goes_on(ray_local, faces64, tmp_path, mlflow_store):
+    from mlflow.tracking import MlflowClient
+
+    space = '[space]\n"optim.lr_g" = { type = "choice", values = [1e-4, 1e30] }'
+    sweep = _sweep(tmp_path, "nan", "num_samples = 2\nmax_concurrent = 1\nscheduler = \"asha\"\ngrace_period = 8", space)
+    # Seed 2 draws 1e30, then 1e-4 (train.seed seeds the search).
+    assert tune_job.main(_args(faces64, tmp_path / "runs", sweep, 8, "--train.seed=2")) == 0
+    client = MlflowClient(mlflow_store)
+    children = child_runs(client, _parent(client, "nan"))
+    lr = {c.info.run_id: float(c.data.params["optim.lr_g"]) for c in children}
+    assert sorted(set(lr.values())) == [1e-4, 1e30], lr  # the seeded draws hold both values
+    for c in children:
+        if lr[c.info.run_id] == 1e30:
+            assert c.info.status == "FAILED" and "non-finite" in c.data.tags["facegan.failed_reason"]
+            assert "facegan.best_trial" not in c.data.tags
+        else:
+            assert c.info.status == "FINISHED"
+    best = [c for c in children if c.data.tags.get("facegan.best_trial") == "true"]
+    assert len(best) == 1 and lr[best[0].info.run_id] == 1e-4
