@@ -67,6 +67,7 @@ class RayTrainContext(TorchDistributedContext):
             self.hp_metrics = {}
             if artifacts:
                 self.tracker.log_artifacts(artifacts)
+                self.tracker.log_images(step, artifacts)
             if model is not None:
                 self.tracker.log_generator(model, self.model_cfg, step=step, metrics=metrics,
                                            register_as=self.register_as)

@@ -8,6 +8,7 @@ working directory differs, write to the same place. Set ``MLFLOW_TRACKING_URI`` 
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -32,12 +33,51 @@ def resolve_tracking_uri() -> str:
 def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if "mlflow.experimentKind" not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
         return exp.experiment_id
     location = None
     if tracking_uri.startswith("sqlite:///"):
         # Beside the database, whatever the working directory of whoever creates it.
         location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    # Model training, so the UI opens the experiment on runs and charts, not in GenAI mode.
+    return client.create_experiment(name, artifact_location=location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
+
+
+def source_tags(entry_point: str) -> dict[str, str]:
+    """What the UI shows as the run's source: the entry point and, in a git checkout, the commit."""
+    import subprocess
+
+    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "JOB"}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                                capture_output=True, text=True, timeout=5)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except OSError:  # no git on this machine
+        pass
+    return tags
+
+
+def log_dataset(tracking_uri: str, run_id: str, path: str, context: str) -> None:
+    """A shard set as one of the run's inputs ("Datasets" in the UI): its location, the
+    manifest's digest, split and count (the same digest that keys the FID caches)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from datasets.shards import ShardSet
+    from gan.evaluate import manifest_digest
+
+    shards = ShardSet(path)
+    name = f"{Path(path).parent.name}/{Path(path).name}"
+    ds = MetaDataset(resolve_dataset_source(str(path)), name=name, digest=manifest_digest(shards)[:16])
+    e = ds._to_mlflow_entity()
+    profile = json.dumps({"faces": shards.count, "image_size": shards.image_size,
+                          "source": shards.manifest.get("source", "")})
+    entity = Dataset(e.name, e.digest, e.source_type, e.source, schema=e.schema, profile=profile)
+    MlflowClient(tracking_uri).log_inputs(run_id, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", context)])])
 
 
 def find_run(tracking_uri: str, experiment: str, run_dir: str):
@@ -75,6 +115,20 @@ def end_run(tracking_uri: str, run_id: str, ok: bool | str) -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
 
 
+def system_metrics(tracking_uri: str, run_id: str):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and memory where a
+    GPU and pynvml exist) of this node, every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds
+    (default 10), as ``system/*`` metrics of the run. Started by rank 0 only: other nodes are
+    not sampled (only rank 0 writes tracking)."""
+    from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10,
+                                   tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
 class Tracker:
     """Rank 0's writer. Steps already in the run (written before a restart) are not written
     again, so a run resumed from an older checkpoint leaves no duplicate steps in MLflow."""
@@ -93,6 +147,19 @@ class Tracker:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in fresh.items()])
         self.last_step.update({k: step for k in fresh})
 
+    def log_images(self, step: int, artifacts: dict[str, bytes]) -> None:
+        """Sample grids as MLflow images by step: the UI shows them on a step slider beside the
+        charts (``samples/real.png`` under the key ``real``, every other grid under ``samples``)."""
+        import io
+
+        from PIL import Image
+
+        for rel, data in artifacts.items():
+            if rel.startswith("samples/") and rel.endswith(".png"):
+                key = "real" if rel == "samples/real.png" else "samples"
+                self.client.log_image(self.run_id, Image.open(io.BytesIO(data)), key=key, step=step,
+                                      synchronous=True)
+
     def log_artifacts(self, artifacts: dict[str, bytes]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for rel, data in artifacts.items():
@@ -108,13 +175,15 @@ class Tracker:
 
     def log_generator(self, G, model_cfg, step: int | None = None, metrics: dict | None = None,
                       register_as: str = "") -> None:
-        log_generator(self.uri, self.run_id, G, model_cfg, register_as)
+        scores = {k: v for k, v in (metrics or {}).items() if k in ("fid", "kid")}
+        what = f"step {step}" + "".join(f", {k} {v:.4g}" for k, v in scores.items())
+        log_generator(self.uri, self.run_id, G, model_cfg, register_as, description=f"run {self.run_id}, {what}")
         tags = {"facegan.generator_step": str(step)} if step is not None else {}
-        tags |= {f"facegan.generator_{k}": f"{v:.6g}" for k, v in (metrics or {}).items() if k in ("fid", "kid")}
+        tags |= {f"facegan.generator_{k}": f"{v:.6g}" for k, v in scores.items()}
         self.set_tags(tags)
 
 
-def log_generator(tracking_uri: str, run_id: str, G, model_cfg, register_as: str = "") -> None:
+def log_generator(tracking_uri: str, run_id: str, G, model_cfg, register_as: str = "", description: str = "") -> None:
     """The generator as an MLflow PyTorch model that runs at any batch size.
 
     MLflow 3 defaults to the pt2 format, which exports the graph traced at the input
@@ -138,7 +207,16 @@ def log_generator(tracking_uri: str, run_id: str, G, model_cfg, register_as: str
     gan_dir = str(Path(__file__).resolve().parents[1] / "gan")
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        mlflow.pytorch.log_model(G, name=MODEL_PATH, serialization_format="pickle", signature=signature,
-                                 input_example=example, code_paths=[gan_dir],
-                                 registered_model_name=register_as or None,
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        info = mlflow.pytorch.log_model(G, name=MODEL_PATH, serialization_format="pickle", signature=signature,
+                                        input_example=example, code_paths=[gan_dir],
+                                        registered_model_name=register_as or None,
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    if register_as and info.registered_model_version is not None:
+        # Each new best becomes the champion: models:/<name>@champion is always the best so far.
+        client = MlflowClient(tracking_uri)
+        version = str(info.registered_model_version)
+        client.update_registered_model(register_as, description=(
+            f"facegan DCGAN generator, {G.size} px: z ~ U(-1, 1) of shape (n, {z_dim}) in, images "
+            f"(n, 3, {G.size}, {G.size}) in [-1, 1] out. Alias 'champion': the best FID so far."))
+        client.update_model_version(register_as, version, description=description or "")
+        client.set_registered_model_alias(register_as, "champion", version)

@@ -42,6 +42,7 @@ class Plan:
     storage_path: str
     resume: bool
     evaluation: dict | None = None  # what the FID means (extractor, sha1, protocol, held-out set)
+    preset: str = ""
 
 
 def prepare(argv: list[str] | None) -> Plan:
@@ -86,7 +87,7 @@ def prepare(argv: list[str] | None) -> Plan:
     # After the checks that write nothing (a config that fails there creates no directory),
     # before the real side of FID is cached under it.
     writable(storage, "run.storage_path")
-    return Plan(cfg, name, str(storage), args.resume, check_evaluation(cfg))
+    return Plan(cfg, name, str(storage), args.resume, check_evaluation(cfg), args.config or "")
 
 
 def writable(path: Path, key: str) -> None:
@@ -118,14 +119,19 @@ def train_worker(loop_config: dict) -> None:
 
     from gan.loop import train
     from jobs.ray_context import RayTrainContext
-    from jobs.tracking import Tracker
+    from jobs.tracking import Tracker, system_metrics
 
     cfg = from_flat(loop_config["config"])
     rank0 = ray.train.get_context().get_world_rank() == 0
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank0 else None
+    monitor = system_metrics(loop_config["tracking_uri"], loop_config["run_id"]) if rank0 else None
     ctx = RayTrainContext(tracker, cfg.model, cfg.eval.register_as, loop_config.get("init_checkpoint"),
                           loop_config.get("hp"))
-    result = train(cfg, ctx)
+    try:
+        result = train(cfg, ctx)
+    finally:
+        if monitor is not None:
+            monitor.finish()
     if tracker is not None and result.diverged:  # nothing to publish or audit; the driver fails the run
         tracker.set_tags({"facegan.final_step": str(result.step)})
     elif tracker is not None:
@@ -172,6 +178,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     import ray
 
+    from jobs.progress import Progress
     from jobs.tracking import end_run, find_run, resolve_tracking_uri, start_run
 
     uri = resolve_tracking_uri()
@@ -188,12 +195,21 @@ def run(argv: list[str] | None = None) -> dict:
         ray.init()  # joins RAY_ADDRESS when set (e.g. under `ray job submit`), else starts a local one
     if plan.resume and "facegan.failed_reason" in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, "facegan.failed_reason")  # this attempt gets its own verdict
+    if not plan.resume:
+        describe(client, uri, run_id, plan)
     ok, reason = False, None
     try:
-        result = build_trainer(plan, uri, run_id).fit()
+        with Progress(total_steps_of(plan.cfg), _last_step(client, run_id) if plan.resume else 0,
+                      desc=plan.run_name) as progress:
+            result = build_trainer(plan, uri, run_id, callbacks=[progress]).fit()
         # Rank 0 tags a divergence (gan/loop.py); Ray's Result only keeps checkpointed metrics.
-        reason = client.get_run(run_id).data.tags.get("facegan.failed_reason")
+        tags = client.get_run(run_id).data.tags
+        reason = tags.get("facegan.failed_reason")
         ok = reason is None
+        best = next((k for k in tags if k.startswith("facegan.best_") and k != "facegan.best_step"), None)
+        if ok and best and "mlflow.note.content" in tags:
+            client.set_tag(run_id, "mlflow.note.content", f"{tags['mlflow.note.content']} Best "
+                           f"{best.split('_', 1)[1]} {tags[best]} at step {tags.get('facegan.best_step')}.")
     except (KeyboardInterrupt, SystemExit):
         # Ctrl+C: Ray Train's own SIGINT handler aborts the run and then calls sys.exit(0) in the
         # middle of fit(). The checkpoints so far are kept; --resume continues.
@@ -216,6 +232,33 @@ def worker_error(e: BaseException) -> str | None:
         if isinstance(cause, (CheckpointError, ShardError, ConfigError)):
             return f"worker {rank}: {str(cause).splitlines()[0]}"
     return None
+
+
+def total_steps_of(cfg: Config) -> int:
+    from datasets.shards import ShardReader
+    from gan.loop import total_steps
+
+    world = cfg.scale.num_workers
+    reader = ShardReader(ShardSet(cfg.data.path), 0, world, cfg.train.batch_size // world, cfg.train.seed,
+                         cfg.data.shuffle_groups)
+    return total_steps(reader, cfg)
+
+
+def describe(client, uri: str, run_id: str, plan: Plan) -> None:
+    """What the run page shows before any metric: a description, the source and the data."""
+    from jobs.tracking import log_dataset, source_tags
+
+    cfg = plan.cfg
+    note = (f"facegan DCGAN, {cfg.model.size} px, width {cfg.model.width:g}; preset {plan.preset or 'defaults'}; "
+            f"{cfg.scale.num_workers} worker(s), batch {cfg.train.batch_size}; data {cfg.data.path}; "
+            f"checkpoints in {plan.storage_path}/{plan.run_name}.")
+    if plan.evaluation:
+        note += f" FID: {plan.evaluation.get('protocol', '')} against {plan.evaluation.get('real_path', '')}."
+    for k, v in {**source_tags("jobs.train"), "mlflow.note.content": note}.items():
+        client.set_tag(run_id, k, v)
+    log_dataset(uri, run_id, cfg.data.path, "train")
+    if plan.evaluation and plan.evaluation.get("real_path"):
+        log_dataset(uri, run_id, plan.evaluation["real_path"], "eval")
 
 
 def _last_step(client, run_id: str) -> int:

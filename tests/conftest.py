@@ -80,6 +80,8 @@ def ray_local(tmp_path_factory):
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray workers inherit it: MLflow's system metrics every second, so short runs have some.
+    os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     ray.init(num_cpus=2, include_dashboard=True, _temp_dir=str(tmp_path_factory.mktemp("ray")),
              log_to_driver=False)
     yield ray

@@ -118,6 +118,21 @@ def test_mlflow_run_holds_params_metrics_grids_and_model(straight_run):
     assert all(0 < v < 1 for v in d_real)
     samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/real.png", "samples/epoch_001.png", "samples/final.png"} <= samples
+    # The grids as images by step too (the UI's step slider): the real faces once, at step 0.
+    images = [a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "images")]
+    def steps(key):
+        return sorted({int(n.split("+")[2]) for n in images if n.startswith(f"{key}+step+")})
+    assert steps("real") == [0] and steps("samples") == [32, 40], images  # epoch 1 ends at step 32
+    # What the run page shows: source, description, data lineage, system metrics; model-training mode.
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "jobs.train" and len(tags.get("mlflow.source.git.commit", "x" * 40)) == 40
+    assert "2 worker(s), batch 16" in tags["mlflow.note.content"] and "checkpoints in" in tags["mlflow.note.content"]
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train"} and json.loads(inputs["train"].profile)["faces"] == 512
+    assert inputs["train"].digest and json.loads(inputs["train"].source)["uri"].endswith("faces640/train")
+    assert any(k.startswith("system/cpu_utilization_percentage") for k in run.data.metrics), sorted(run.data.metrics)
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     mlflow.set_tracking_uri(straight_run["tracking_uri"])
     G = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/generator")
     for n in (3, 7):  # any batch size, not the input example's
@@ -306,6 +321,16 @@ def test_run_with_evaluation_registers_best_and_audits(faces64, tmp_path, mlflow
     assert tags["facegan.best_step"] == str(best) and tags["facegan.generator_step"] == str(best)
     versions = client.search_model_versions("name='facegan-best'")
     assert 1 <= len(versions) <= 3 and all(v.run_id == run_id for v in versions)
+    # The alias follows each new best: models:/facegan-best@champion is the last published one.
+    champion = client.get_model_version_by_alias("facegan-best", "champion")
+    assert int(champion.version) == max(int(v.version) for v in versions)
+    assert f"step {best}" in champion.description and "champion" in client.get_registered_model("facegan-best").description
+    assert f"Best fid {tags['facegan.best_fid']} at step {best}" in tags["mlflow.note.content"]
+    inputs = {i.tags[0].value for i in client.get_run(run_id).inputs.dataset_inputs}
+    assert inputs == {"train", "eval"}
+    from jobs import sample
+
+    assert sample.main(["--model", "models:/facegan-best@champion", "--out", str(tmp_path / "champ"), "--n", "4"]) == 0
     arts = {a.path for a in client.list_artifacts(run_id, "audit")}
     assert arts == {"audit/summary.json", "audit/closest_pairs.png"}
     assert len(client.get_metric_history(run_id, "audit_fraction_memorized")) == 1
