@@ -1,0 +1,80 @@
+"""A finished sweep, summed up in MLflow: results.csv and best_config.toml on the parent run,
+sweep_fid.png (each trial's best score against its LR ratio and label range), the best child
+tagged ``facegan.best_trial``, trials ASHA stopped tagged ``facegan.stopped_early``."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from gan.config import flatten
+from jobs.tune import Sweep, trial_config
+
+
+def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, dict]:
+    """results.csv and best_config.toml on the parent run; the best child run tagged."""
+    from mlflow.tracking import MlflowClient
+
+    rows, best = [], None
+    for r in results:
+        if r.metrics_dataframe is None or sweep.metric not in r.metrics_dataframe:
+            continue
+        df = r.metrics_dataframe
+        finite = df[sweep.metric][df[sweep.metric].apply(math.isfinite)]
+        if finite.empty:  # diverged before its first evaluation: nothing to rank
+            continue
+        score = float(finite.min())
+        hp = {k: v for k, v in r.config.items() if not k.startswith("_")}
+        tc = trial_config(r.config["_base"], hp)
+        row = {"trial": Path(r.path).name, sweep.metric: score, "last_step": int(df["step"].max()),
+               "lr_ratio": tc.optim.lr_d / tc.optim.lr_g, "label_lo": tc.loss.real_label_lo,
+               "label_hi": tc.loss.real_label_hi, **hp}
+        rows.append(row)
+        if best is None or score < best[0]:
+            best = (score, r, hp)
+    if best is None:
+        raise RuntimeError(f"no trial reported {sweep.metric}; is eval.every_steps > 0 and an extractor available?")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda row: row[sweep.metric]))
+    best_cfg = trial_config(best[1].config["_base"], best[2])
+    toml = "\n".join(f"[{sec}]\n" + "\n".join(f"{k.split('.', 1)[1]} = {_toml(v)}" for k, v in flatten(best_cfg).items()
+                                             if k.startswith(sec + "."))
+                     for sec in dict.fromkeys(k.split(".")[0] for k in flatten(best_cfg))) + "\n"
+    client = MlflowClient(uri)
+    client.log_text(parent, buf.getvalue(), "results.csv")
+    client.log_text(parent, toml, "best_config.toml")
+    sweep_dir = best[1].config["_sweep_dir"]
+    last = {f"{sweep_dir}/{row['trial']}": row["last_step"] for row in rows}
+    full = max(last.values())
+    from jobs.sweep_plot import plot_trials
+
+    png = plot_trials([{**row, "stopped_early": row["last_step"] < full} for row in rows], sweep.metric)
+    client.log_image(parent, _png_image(png), "sweep_fid.png")
+    for run in client.search_runs([client.get_run(parent).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
+        where = run.data.tags.get("facegan.run_dir")
+        if where == f"{sweep_dir}/{Path(best[1].path).name}":
+            client.set_tag(run.info.run_id, "facegan.best_trial", "true")
+        if where in last and last[where] < full:
+            client.set_tag(run.info.run_id, "facegan.stopped_early", str(last[where]))
+        if run.info.status == "RUNNING":  # a trial the scheduler stopped: its actor ended without a word
+            client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_tag(parent, f"facegan.best_{sweep.metric}", f"{best[0]:.6g}")
+    return buf.getvalue(), toml, {"score": best[0], "hp": best[2]}
+
+
+def _png_image(png: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(png))
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return '"nan"'
+    return repr(v) if not isinstance(v, str) else '"' + v.replace('"', '\\"') + '"'
