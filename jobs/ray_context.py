@@ -15,11 +15,11 @@ from jobs.tracking import Tracker
 
 class RayTrainContext(TorchDistributedContext):
     def __init__(self, tracker: Tracker | None, model_cfg=None, register_as: str = "",
-                 init_checkpoint: str | None = None, hp: dict | None = None):
+                 init_checkpoint=None, hp: dict | None = None):
         super().__init__(ray.train.torch.get_device())
         self.model_cfg, self.register_as = model_cfg, register_as
         # Where to start when this Train run has no checkpoint of its own (a Tune trial
-        # restarted from a donor's or its own earlier checkpoint).
+        # restarted from a donor's or its own earlier checkpoint): a ray.train.Checkpoint.
         self.init_checkpoint = init_checkpoint
         self.last_scores: dict[str, float] = {}
         self.ckpt_suffix = ""  # set when a resume skipped damaged checkpoints (load_checkpoint)
@@ -37,7 +37,11 @@ class RayTrainContext(TorchDistributedContext):
     def load_checkpoint(self):
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            return load_state(Path(self.init_checkpoint) / CHECKPOINT_FILE) if self.init_checkpoint else None
+            if self.init_checkpoint is None:
+                return None
+            # Through the Checkpoint's own filesystem: a donor in object storage works as a local one.
+            with self.init_checkpoint.as_directory() as d:
+                return load_state(Path(d) / CHECKPOINT_FILE)
         # The latest first; a damaged one is named and the one before it used, so a corrupt
         # file costs the steps since the previous checkpoint, not the run.
         skipped = []

@@ -134,7 +134,6 @@ def tune_space(sweep: Sweep) -> dict:
 def trainable(config: dict) -> None:
     """One trial: a Ray Train run whose reports (and checkpoints) are handed to Tune."""
     from ray import tune
-    from ray.train import Checkpoint
     from ray.train.v2.api.callback import UserCallback
     from ray.util.queue import Queue
 
@@ -148,8 +147,7 @@ def trainable(config: dict) -> None:
     donor = tune.get_checkpoint()
     # A restart from a checkpoint (PBT exploit, sweep restore) is a new Train run: deterministic
     # name, no timestamps, and it starts from that checkpoint instead of its own storage.
-    init = donor.path if donor is not None else None
-    run_name = trial_id if init is None else f"{trial_id}-from-{hashlib.sha256(init.encode()).hexdigest()[:8]}"
+    run_name = trial_id if donor is None else f"{trial_id}-from-{hashlib.sha256(donor.path.encode()).hexdigest()[:8]}"
     cfg.run.name = run_name
     params = {**hp, "optim.lr_d": cfg.optim.lr_d, "loss.real_label_hi": cfg.loss.real_label_hi}
     run_id = start_run(config["_uri"], cfg.run.experiment, ctx.get_trial_name(),
@@ -164,10 +162,10 @@ def trainable(config: dict) -> None:
 
     class ToTune(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            queue.put((metrics[0], checkpoint.path if checkpoint else None))
+            queue.put((metrics[0], checkpoint))  # the Checkpoint with its filesystem, not a local path
 
     plan = Plan(cfg, run_name, config["_train_storage"], resume=False)
-    trainer = build_trainer(plan, config["_uri"], run_id, extra={"init_checkpoint": init, "hp": params},
+    trainer = build_trainer(plan, config["_uri"], run_id, extra={"init_checkpoint": donor, "hp": params},
                             callbacks=[ToTune()])
     outcome: dict = {}
 
@@ -182,14 +180,14 @@ def trainable(config: dict) -> None:
     th.start()
     while th.is_alive() or not queue.empty():
         try:
-            metrics, path = queue.get(timeout=1)
+            metrics, checkpoint = queue.get(timeout=1)
         except Exception:  # queue.Empty
             continue
         if "diverged_at_step" in metrics:  # the worst score for the scheduler, then a failed trial
             diverged = {**metrics, config["_metric"]: math.inf}
             tune.report(diverged)
         elif config["_metric"] in metrics:  # Tune wants its metric in every result it is given
-            tune.report(metrics, checkpoint=Checkpoint(path) if path else None)
+            tune.report(metrics, checkpoint=checkpoint)
     end_run(config["_uri"], run_id, "error" not in outcome and diverged is None)
     if "error" in outcome:
         raise outcome["error"]
@@ -237,7 +235,7 @@ def make_search(sweep: Sweep, seed: int, max_concurrent: int):
 def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, resume: bool,
                 evaluation: dict | None = None):
     from ray import tune
-    from ray.tune import RunConfig as TuneRunConfig
+    from ray.tune import CheckpointConfig, RunConfig as TuneRunConfig
     from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 
     if sweep.scheduler == "pbt":  # an exploit needs a scored checkpoint every interval
@@ -264,7 +262,10 @@ def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, 
                                     scheduler=scheduler, search_alg=search,
                                     trial_name_creator=lambda t: f"trial_{t.trial_id}",
                                     trial_dirname_creator=lambda t: t.trial_id),
-        run_config=TuneRunConfig(name=sweep.name, storage_path=storage, progress_reporter=reporter(sweep)),
+        # Tune's copies of the trials' checkpoints: PBT only clones the latest, a restore only
+        # needs the latest; without a limit every one is kept (~0.6 GB each at 128 px).
+        run_config=TuneRunConfig(name=sweep.name, storage_path=storage, progress_reporter=reporter(sweep),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
     )
 
 

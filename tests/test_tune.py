@@ -284,6 +284,9 @@ def test_interrupted_sweep_resumes_and_runs_every_trial_once(ray_local, faces64,
     for c in children:
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "fid")]
         assert len(steps) == len(set(steps)), steps
+    for t in after:  # 4 scored checkpoints per trial; Tune keeps run.keep_checkpoints (2) of them
+        kept = sorted(p.name for p in (exp / t).glob("checkpoint_*"))
+        assert 1 <= len(kept) <= 2, kept
 
 
 def test_a_diverging_trial_fails_alone_and_the_sweep_goes_on(ray_local, faces64, tmp_path, mlflow_store):
