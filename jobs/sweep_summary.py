@@ -18,16 +18,22 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
 
     rows, best = [], None
     for r in results:
-        if r.metrics_dataframe is None or sweep.metric not in r.metrics_dataframe:
-            continue
         df = r.metrics_dataframe
-        finite = df[sweep.metric][df[sweep.metric].apply(math.isfinite)]
-        if finite.empty:  # diverged before its first evaluation: nothing to rank
+        if df is not None and sweep.metric in df:
+            values, last_step = list(df[sweep.metric]), int(df["step"].max())
+        elif r.metrics and sweep.metric in r.metrics:
+            # A PBT trial paused and restored can come back without its progress.csv (Tune logs
+            # "Remote file not found"): its last result still carries the latest score.
+            values, last_step = [r.metrics[sweep.metric]], int(r.metrics.get("step", 0))
+        else:
             continue
-        score = float(finite.min())
+        finite = [float(v) for v in values if math.isfinite(v)]
+        if not finite:  # diverged before its first evaluation: nothing to rank
+            continue
+        score = min(finite)
         hp = {k: v for k, v in r.config.items() if not k.startswith("_")}
         tc = trial_config(r.config["_base"], hp)
-        row = {"trial": Path(r.path).name, sweep.metric: score, "last_step": int(df["step"].max()),
+        row = {"trial": Path(r.path).name, sweep.metric: score, "last_step": last_step,
                "lr_ratio": tc.optim.lr_d / tc.optim.lr_g, "label_lo": tc.loss.real_label_lo,
                "label_hi": tc.loss.real_label_hi, **hp}
         rows.append(row)
