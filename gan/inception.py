@@ -48,11 +48,8 @@ def default_weights() -> Path:
 
 @lru_cache(maxsize=8)
 def _sha1(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha1()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 def sha1_of(path: Path) -> str:

@@ -95,3 +95,9 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # default artifact location ./mlartifacts lands here too
     return uri
+
+
+@pytest.fixture
+def root_cwd(monkeypatch):
+    """The repository root as working directory (presets are named relative to it)."""
+    monkeypatch.chdir(ROOT)
