@@ -53,6 +53,9 @@ def load_state(path: str | Path) -> dict[str, Any]:
         want, got = side.read_text().strip(), _digest(path)
         if want != got:
             raise CheckpointError(f"{path}: damaged (sha256 {got[:12]}…, written as {want[:12]}…)")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise CheckpointError(f"{path}: unreadable as a checkpoint (not a torch.save zip archive)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, not a torch file, a pickle with code in it

@@ -90,6 +90,8 @@ def test_ctrl_c_kills_the_run_and_says_how_to_resume(faces64, tmp_path, mlflow_s
         proc.kill()
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted; run ctrlc is KILLED" in err and "--run.name=ctrlc --resume" in err
+    # The driver's one progress bar (jobs/progress.py): named after the run, counting steps of the total.
+    assert re.search(r"ctrlc: +\d+%\|.*\| \d+/\d+ ", err), err[-2000:]
     client = MlflowClient(mlflow_store)
     run = client.search_runs([client.get_experiment_by_name("facegan-smoke").experiment_id],
                              filter_string="attributes.run_name = 'ctrlc'")[0]
