@@ -1,7 +1,8 @@
 """CelebA (official zip or folder) -> training-ready shard sets, one per official split.
 
     python -m datasets.celeba --src img_align_celeba.zip --partition list_eval_partition.txt \\
-        --out data/celeba128 --size 128 [--encoding jpeg] [--workers N]
+        --out data/celeba128 --size 128 [--encoding jpeg] [--workers N] \
+        [--identities identity_CelebA.txt]   # an int `identity` column: who is in each photo
     python -m datasets.celeba ... --out s3://bucket/celeba128   # AWS_ENDPOINT_URL_S3 for others
 
 Streams from the zip (nothing is extracted), one process per core. Writes
@@ -15,8 +16,9 @@ so 128 px output needs no resampling and 64 px is an antialiased (Lanczos) downs
 - grayscale, CMYK, palette, PNG: converted to RGB;
 - another size with the same aspect ratio (within 2%): resized to 178x218 first, then cropped
   (``--unexpected-size reject`` turns this off); another aspect ratio: rejected;
-- unreadable, truncated, empty, non-image files, names missing from the partition file and
-  repeated file names: rejected (kept out of the shards, listed in rejected.jsonl).
+- unreadable, truncated, empty, non-image files, names missing from the partition file (or,
+  with ``--identities``, from the identity file) and repeated file names: rejected (kept out of
+  the shards, listed in rejected.jsonl). A name listed twice in either file is an error.
 Names are matched to the partition file by stem, so PNG copies of CelebA match too.
 The exit status is 1 only when the rejected fraction exceeds ``--max-rejected``.
 
@@ -33,6 +35,7 @@ import os
 import sys
 import time
 import zipfile
+from collections import Counter
 from multiprocessing import Pool
 from pathlib import Path, PurePosixPath
 
@@ -74,26 +77,43 @@ class Source:
         return self.zip.read(name) if self.zip is not None else (self.src / name).read_bytes()
 
 
-def read_partition(path: str) -> dict[str, str]:
-    """``stem -> split`` from list_eval_partition.txt (CRLF or LF)."""
-    out = {}
+def _read_listing(path: str, flag: str, expected: str, value) -> dict:
+    """``stem -> value(second field)`` from a CelebA listing (CRLF or LF); a malformed line or
+    a name listed twice is an error naming the file and line."""
+    out, line_of = {}, {}
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
-        raise ShardError(f"--partition {path}: {e.strerror}") from None
+        raise ShardError(f"{flag} {path}: {e.strerror}") from None
     for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         parts = line.split()
-        if len(parts) != 2 or parts[1] not in SPLITS:
-            raise ShardError(f"{path}:{no}: expected '<file name> <0|1|2>', got {line.strip()!r}")
-        out[PurePosixPath(parts[0]).stem] = SPLITS[parts[1]]
+        v = value(parts[1]) if len(parts) == 2 else None
+        if v is None:
+            raise ShardError(f"{path}:{no}: expected '{expected}', got {line.strip()!r}")
+        stem = PurePosixPath(parts[0]).stem
+        if stem in out:
+            raise ShardError(f"{path}:{no}: {parts[0]} is listed twice (first at line {line_of[stem]})")
+        out[stem], line_of[stem] = v, no
     if not out:
         raise ShardError(f"{path}: no entries")
     return out
 
 
-def plan(members: list[str], partition: dict[str, str]) -> tuple[dict[str, list[str]], list[dict]]:
+def read_partition(path: str) -> dict[str, str]:
+    """``stem -> split`` from list_eval_partition.txt."""
+    return _read_listing(path, "--partition", "<file name> <0|1|2>", SPLITS.get)
+
+
+def read_identities(path: str) -> dict[str, int]:
+    """``stem -> identity`` from identity_CelebA.txt."""
+    return _read_listing(path, "--identities", "<file name> <identity number>",
+                         lambda v: int(v) if v.isdigit() else None)
+
+
+def plan(members: list[str], partition: dict[str, str],
+         identities: dict[str, int] | None = None) -> tuple[dict[str, list[str]], list[dict]]:
     """Which member goes to which split, and which are rejected before decoding."""
     splits: dict[str, list[str]] = {s: [] for s in SPLITS.values()}
     rejected, first_seen = [], {}
@@ -106,6 +126,9 @@ def plan(members: list[str], partition: dict[str, str]) -> tuple[dict[str, list[
         elif p.stem not in partition:
             first_seen[p.stem] = m
             rejected.append({"name": m, "reason": "not in the partition file"})
+        elif identities is not None and p.stem not in identities:
+            first_seen[p.stem] = m
+            rejected.append({"name": m, "reason": "not in the identity file"})
         else:
             first_seen[p.stem] = m
             splits[partition[p.stem]].append(m)
@@ -176,6 +199,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="img_align_celeba.zip or a folder of images")
     p.add_argument("--partition", required=True, help="list_eval_partition.txt")
+    p.add_argument("--identities", help="identity_CelebA.txt: store who is in each photo (the identity audit)")
     p.add_argument("--out", required=True, help="a folder or s3://bucket/prefix")
     p.add_argument("--size", type=int, choices=(64, 128), required=True)
     p.add_argument("--encoding", choices=ENCODINGS, default="jpeg")
@@ -202,12 +226,14 @@ def parse_args(argv):
 def convert(a) -> dict:
     source = Source(a.src)
     partition = read_partition(a.partition)
+    identities = read_identities(a.identities) if a.identities else None
+    ident_sha = sha256_file(*open_fs(a.identities)) if a.identities else None
     fs, root = open_fs(a.out)
     ensure_dir(fs, root)
     opts = {"size": a.size, "encoding": a.encoding, "quality": a.quality, "crop": a.crop,
             "unexpected_size": a.unexpected_size}
     members = source.members()
-    splits, rejected = plan(members, partition)
+    splits, rejected = plan(members, partition, identities)
     writers, tasks, pending, skipped = {}, [], {}, 0
     for split, names in splits.items():
         if not names:
@@ -217,7 +243,9 @@ def convert(a) -> dict:
             fs.delete_file(f"{w.path}/{MANIFEST}")  # the set is unfinished again until the end
         for i in range(0, len(names), a.rows_per_shard):
             chunk, idx = names[i:i + a.rows_per_shard], i // a.rows_per_shard
-            meta = {**opts, "inputs": len(chunk), "first": chunk[0], "last": chunk[-1]}
+            # The identity file's digest is part of what a shard was made from: a shard written
+            # without (or with other) identities is redone on a rerun.
+            meta = {**opts, "identities": ident_sha, "inputs": len(chunk), "first": chunk[0], "last": chunk[-1]}
             got = _finished(fs, f"{w.path}/{shard_name(idx)}", meta)
             if got is not None:
                 w.entries[idx] = {"file": shard_name(idx), "rows": got["rows"],
@@ -243,7 +271,8 @@ def convert(a) -> dict:
             if acc["left"] == 0:  # tasks come back in order: this shard is complete
                 split, idx = key
                 meta = {**acc["meta"], "rows": len(acc["ids"]), "rejected": acc["rejected"]}
-                writers[split].write_shard(idx, acc["ids"], acc["blobs"], meta)
+                who = [identities[i] for i in acc["ids"]] if identities is not None else None
+                writers[split].write_shard(idx, acc["ids"], acc["blobs"], meta, who)
                 rejected += acc["rejected"]
                 del pending[key]
     elapsed = time.perf_counter() - t0
@@ -252,16 +281,31 @@ def convert(a) -> dict:
     extra = {"source": "celeba", "counts": counts, "crop_box": a.crop, "quality": a.quality,
              "unexpected_size": a.unexpected_size,
              "source_files": {Path(a.src).name: src_sha, Path(a.partition).name: sha256_file(*open_fs(a.partition))}}
+    if identities is not None:
+        extra["source_files"][Path(a.identities).name] = ident_sha
+        extra["identity_counts"] = _identity_counts(splits, identities, rejected)
     for split, w in writers.items():
         _drop_stale_shards(fs, w.path, len(w.entries))
         w.close({"split": split, **extra})
     summary = {"inputs": len(members), "converted": sum(counts.values()), "counts": counts,
+               **({"identity_counts": extra["identity_counts"]} if identities is not None else {}),
                "rejected": len(rejected), "notes": notes, "shards_skipped": skipped,
                "seconds": round(elapsed, 2), "images_per_s": round(todo / elapsed, 1) if elapsed and todo else None,
                "rejected_fraction": len(rejected) / max(len(members), 1)}
     write_bytes(fs, f"{root}/rejected.jsonl", "".join(json.dumps(r) + "\n" for r in rejected).encode())
     write_bytes(fs, f"{root}/summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _identity_counts(splits: dict[str, list[str]], identities: dict[str, int], rejected: list[dict]) -> dict:
+    """Per split: how many people and how many photos each (of the converted photos)."""
+    dropped = {r["name"] for r in rejected}
+    out = {}
+    for split, names in splits.items():
+        per = Counter(identities[PurePosixPath(n).stem] for n in names if n not in dropped)
+        if per:
+            out[split] = {"identities": len(per), "photos_min": min(per.values()), "photos_max": max(per.values())}
+    return out
 
 
 def _drop_stale_shards(fs, path: str, n: int) -> None:

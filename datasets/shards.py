@@ -132,11 +132,15 @@ class ShardWriter:
             self.write_shard(len(self.entries), self._ids, self._blobs)
             self._ids, self._blobs = [], []
 
-    def write_shard(self, index: int, ids: list[str], blobs: list[bytes], meta: dict | None = None) -> dict:
-        """One complete shard of already-encoded images; ``meta`` goes into its footer."""
-        schema = self._schema.with_metadata({META_KEY: json.dumps(meta or {})})
-        table = pa.table({"id": pa.array(ids, pa.string()), "image": pa.array(blobs, self._schema.field("image").type)},
-                         schema=schema)
+    def write_shard(self, index: int, ids: list[str], blobs: list[bytes], meta: dict | None = None,
+                    identities: list[int] | None = None) -> dict:
+        """One complete shard of already-encoded images; ``meta`` goes into its footer;
+        ``identities`` (the person in each photo, CelebA's identity file) adds an int32 column."""
+        schema = self._schema if identities is None else self._schema.append(pa.field("identity", pa.int32()))
+        columns = {"id": pa.array(ids, pa.string()), "image": pa.array(blobs, self._schema.field("image").type)}
+        if identities is not None:
+            columns["identity"] = pa.array(identities, pa.int32())
+        table = pa.table(columns, schema=schema.with_metadata({META_KEY: json.dumps(meta or {})}))
         sink = pa.BufferOutputStream()
         # Raw pixels gain ~2x from zstd; encoded images gain nothing, so skip the work.
         pq.write_table(table, sink, row_group_size=self.row_group_size,
@@ -250,6 +254,13 @@ class ShardSet:
     def ids(self) -> list[str]:
         """Every row's id, in stored order (row group by row group)."""
         return [i for pf in self.files for i in pf.read(columns=["id"]).column("id").to_pylist()]
+
+    def identities(self) -> np.ndarray | None:
+        """Every row's identity (int), in stored order; None when the set has no such column
+        (procedural faces, or CelebA converted without ``--identities``)."""
+        if any("identity" not in pf.schema_arrow.names for pf in self.files):
+            return None
+        return np.concatenate([pf.read(columns=["identity"]).column("identity").to_numpy() for pf in self.files])
 
     def rows_at(self, indices: list[int]) -> np.ndarray:
         """The faces at these stored-order positions (uint8 NHWC)."""

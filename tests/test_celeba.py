@@ -14,6 +14,7 @@ from datasets.shards import ShardError, ShardSet
 from tests.conftest import CELEBA_SAMPLE
 
 ZIP, PARTITION = CELEBA_SAMPLE / "img_align_celeba.zip", CELEBA_SAMPLE / "list_eval_partition.txt"
+IDENTITIES = CELEBA_SAMPLE / "identity_CelebA.txt"
 pytestmark = pytest.mark.skipif(not ZIP.is_file(), reason="needs ../shared/data/celeba-sample")
 
 
@@ -103,15 +104,27 @@ def test_unexpected_size_policy_reject(bad_zip, tmp_path):
 
 def test_full_sample_at_128_with_manifest(tmp_path):
     out = tmp_path / "c128"
-    assert _convert(tmp_path, ZIP, out, "--size", "128", "--encoding", "jpeg") == 0
+    assert _convert(tmp_path, ZIP, out, "--size", "128", "--encoding", "jpeg", "--identities", str(IDENTITIES)) == 0
+    truth = {ln.split()[0][:-4]: int(ln.split()[1]) for ln in IDENTITIES.read_text().splitlines()}
+    people = {}
     for split, n in {"train": 4560, "val": 780, "test": 660}.items():
         s = ShardSet(out / split, verify_checksums=True)
         m = s.manifest
         assert s.count == n and m["counts"] == {"train": 4560, "val": 780, "test": 660}
+        # Who is in each photo, row by row as the identity file says; the sample's splits hold
+        # 152 / 26 / 22 people with 30 photos each, and no person is in two splits.
+        who = s.identities()
+        assert who is not None and who.tolist() == [truth[i] for i in s.ids()]
+        people[split] = set(who.tolist())
+        assert m["identity_counts"] == {"train": {"identities": 152, "photos_min": 30, "photos_max": 30},
+                                        "val": {"identities": 26, "photos_min": 30, "photos_max": 30},
+                                        "test": {"identities": 22, "photos_min": 30, "photos_max": 30}}
+        assert m["source_files"]["identity_CelebA.txt"] == _sha_from_sums("identity_CelebA.txt")
         assert m["image_size"] == 128 and m["encoding"] == "jpeg" and m["crop_box"] == [25, 50, 153, 178]
         assert m["source_files"]["img_align_celeba.zip"] == _sha_from_sums("img_align_celeba.zip")
         assert m["source_files"]["list_eval_partition.txt"] == _sha_from_sums("list_eval_partition.txt")
         assert all(e["rows"] > 0 and len(e["sha256"]) == 64 for e in m["shards"])
+    assert not (people["train"] & people["val"]) and not (people["train"] & people["test"])
     faces = ShardSet(out / "val").read(ShardSet(out / "val").row_groups[0])
     assert faces.shape[1:] == (128, 128, 3) and faces.std() > 30  # real photos, not blank
     assert (out / "rejected.jsonl").read_text() == ""
@@ -176,3 +189,29 @@ def test_bad_arguments_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _convert(tmp_path, ZIP, tmp_path / "o", "--size", "64", "--crop", "0,0,300,300")
     assert "--crop" in capsys.readouterr().err
+
+
+def test_identity_file_names_missing_twice_and_malformed(bad_zip, tmp_path, capsys):
+    src, expect = bad_zip
+    out = tmp_path / "o"
+    assert _convert(tmp_path, src, out, "--size", "64", "--max-rejected", "1") == 0
+    assert ShardSet(out / "train").identities() is None  # optional: no file, no column
+    listing = [ln for ln in IDENTITIES.read_text().splitlines()]
+    kept = sorted(expect["converted"])
+    dropped = kept[0]  # a good photo whose name the identity file lacks: rejected, by reason
+    ident = tmp_path / "identity.txt"
+    ident.write_text("\n".join(ln for ln in listing if ln.split()[0][:-4] != dropped) + "\n")
+    # A rerun with identities redoes the shards written without them.
+    assert _convert(tmp_path, src, out, "--size", "64", "--max-rejected", "1", "--identities", str(ident)) == 0
+    rejected = {json.loads(ln)["name"]: json.loads(ln)["reason"] for ln in (out / "rejected.jsonl").read_text().splitlines()}
+    assert rejected[f"img_align_celeba/{dropped}.jpg"] == "not in the identity file"
+    sets = [ShardSet(out / sp) for sp in ("train", "val", "test") if (out / sp / "manifest.json").is_file()]
+    assert sum(s.count for s in sets) == len(kept) - 1 and all(len(s.identities()) == s.count for s in sets)
+    twice = tmp_path / "twice.txt"
+    twice.write_text(f"{listing[0]}\n{listing[1]}\n{listing[0].split()[0]} 7\n")
+    assert _convert(tmp_path, src, tmp_path / "o2", "--size", "64", "--identities", str(twice)) == 2
+    assert f"{twice}:3: {listing[0].split()[0]} is listed twice (first at line 1)" in capsys.readouterr().err
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"{listing[0]}\n000002.jpg person\n")
+    assert _convert(tmp_path, src, tmp_path / "o3", "--size", "64", "--identities", str(bad)) == 2
+    assert f"{bad}:2: expected '<file name> <identity number>', got '000002.jpg person'" in capsys.readouterr().err
