@@ -2,6 +2,7 @@
 
     python -m jobs.audit --fake SPEC --train SHARDS --heldout SHARDS [--n 1000] [--space inception|pixels]
     python -m jobs.audit --run <run_id> [--n 1000]       # SPEC, train and held-out from the run; logged to it
+    python -m jobs.audit --identity --fake SPEC --train SHARDS --heldout SHARDS [--fpir 0.01]   # people, not photos
 
 SPEC as in jobs.fid: a shard set, an image folder, ``runs:/…``, ``models:/…`` or a checkpoint.
 Every training face is searched. Prints one JSON line (``fraction_memorized``, ``flagged``,
@@ -10,6 +11,14 @@ Every training face is searched. Prints one JSON line (``fraction_memorized``, `
 (``audit/``) with the metrics ``audit_fraction_memorized`` and ``audit_flagged``. Exit status 1
 when flagged, 2 on an error (one line): held-out faces that share rows with the training set, a
 run without a held-out set, an unreadable SPEC.
+
+``--identity`` audits people instead of photos (gan/identity.py, jobs/identity_audit.py): it
+needs shard sets with an identity column, held-out people disjoint from the training people
+(at least 10) and the privacy extra (``pip install -e ".[privacy]"``). Its JSON line holds
+``identity_auc``, ``identity_match_rate``, ``heldout_match_rate``, ``threshold``, ``fpir``,
+``tpir``, ``top_identities`` and ``flagged``; ``--out`` gets ``identity_summary.json`` and
+``identity_evidence.png``; ``--run`` logs them (``audit/``) with the metrics ``identity_auc``
+and ``identity_match_rate``.
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ from datasets.shards import ShardError, ShardSet
 from gan import audit as A
 from gan.config import Config, ConfigError, apply, flatten
 from gan.evaluate import build_extractor, features_of_rows
+from gan.faceid import FaceIDError
 from gan.images import png_bytes
 from gan.inception import ExtractorError
 from jobs.specs import SpecError, fake_faces
@@ -65,6 +75,13 @@ def log_audit(tracker, report: dict, picture: bytes, step: int | None = None) ->
                                     "audit_flagged": float(report["flagged"])})
 
 
+def log_identity_audit(tracker, report: dict, picture: bytes, step: int) -> None:
+    tracker.log_artifacts({"audit/identity_summary.json": json.dumps(A.public(report), indent=2).encode(),
+                           "audit/identity_evidence.png": picture})
+    tracker.log_metrics(step, {"identity_auc": report["identity_auc"],
+                               "identity_match_rate": report["identity_match_rate"]})
+
+
 def run_config(params: dict[str, str]) -> Config:
     """A run's config from its MLflow params. Sweep children also hold derived params
     (optim.lr_ratio, ...) that are not config fields: only the config's own keys are read."""
@@ -85,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="also write summary.json and closest_pairs.png here")
     p.add_argument("--cache", default=None, help="feature cache (default: the run's, or runs/feature_cache)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--identity", action="store_true", help="the identity-leak audit (people, not photos)")
+    p.add_argument("--fpir", type=float, default=0.01, help="--identity: the calibrated false-positive identification rate")
+    p.add_argument("--processes", type=int, default=None, help="--identity: face-matcher processes (default: one per core)")
     a = p.parse_args(argv)
     tracker = None
     try:
@@ -108,18 +128,29 @@ def main(argv: list[str] | None = None) -> int:
             tracker = Tracker(uri, a.run)
         if not (fake and train and heldout):
             raise SpecError("give --run, or all of --fake, --train and --heldout")
-        report, picture = run_audit(fake, train, heldout, a.n, space or "inception", weights, a.percentile,
-                                    a.seed, a.device, cache or "runs/feature_cache")
-    except (ShardError, SpecError, ExtractorError, ConfigError, A.AuditError, ValueError) as e:
+        if a.identity:
+            from jobs.identity_audit import run_identity_audit
+
+            report, picture = run_identity_audit(fake, train, heldout, a.n, a.seed, a.fpir, cache=cache or "runs/feature_cache",
+                                                 device=a.device, processes=a.processes)
+        else:
+            report, picture = run_audit(fake, train, heldout, a.n, space or "inception", weights, a.percentile,
+                                        a.seed, a.device, cache or "runs/feature_cache")
+    except (ShardError, SpecError, ExtractorError, ConfigError, A.AuditError, ValueError, FaceIDError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    names = ("identity_summary.json", "identity_evidence.png") if a.identity else ("summary.json", "closest_pairs.png")
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(A.public(report), indent=2))
-        (out / "closest_pairs.png").write_bytes(picture)
+        (out / names[0]).write_text(json.dumps(A.public(report), indent=2))
+        (out / names[1]).write_bytes(picture)
     if tracker is not None:
-        log_audit(tracker, report, picture, step=max(tracker.last_step.values(), default=0) + 1)
+        step = max(tracker.last_step.values(), default=0) + 1
+        if a.identity:
+            log_identity_audit(tracker, report, picture, step)
+        else:
+            log_audit(tracker, report, picture, step=step)
     print(json.dumps(A.public(report)))
     return 1 if report["flagged"] else 0
 

@@ -59,14 +59,16 @@ def faces64(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def celeba64(tmp_path_factory) -> Path:
-    """The CelebA sample from ../shared converted at 64 px (train/val/test), once per session."""
+    """The CelebA sample from ../shared converted at 64 px (train/val/test, with the identity
+    column), once per session."""
     if not (CELEBA_SAMPLE / "img_align_celeba.zip").is_file():
         pytest.skip("the CelebA sample is not in ../shared")
     from datasets.celeba import main as convert
 
     out = tmp_path_factory.mktemp("celeba64")
     assert convert(["--src", str(CELEBA_SAMPLE / "img_align_celeba.zip"), "--partition",
-                    str(CELEBA_SAMPLE / "list_eval_partition.txt"), "--out", str(out), "--size", "64"]) == 0
+                    str(CELEBA_SAMPLE / "list_eval_partition.txt"), "--out", str(out), "--size", "64",
+                    "--identities", str(CELEBA_SAMPLE / "identity_CelebA.txt")]) == 0
     return out
 
 

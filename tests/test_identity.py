@@ -1,0 +1,116 @@
+"""The identity-leak audit (gan/identity.py, jobs.audit --identity) on the real CelebA sample.
+
+Training set: 60 of the sample's 152 training people, 20 photos each. Controls:
+- positive: their other 10 photos (new photos of training people) as the fakes;
+- copies: the training photos themselves;
+- negative: photos of the test split's 22 people (in neither set; 30 photos each, so the two
+  sets also differ in photos per person).
+Held-out (calibration, and the negative class of the AUC): the val split's 26 people.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from datasets.shards import ShardSet, ShardWriter, encode
+from gan import identity as I
+from jobs import audit as audit_job
+
+pytest.importorskip("dlib")
+
+
+def _subset(src, out, pick) -> int:
+    """The rows of ``src`` for which pick(person, k-th photo of that person) holds, as a shard set."""
+    s = ShardSet(src)
+    ids, who = s.ids(), s.identities()
+    faces = np.concatenate([s.read(rg) for rg in s.row_groups])
+    seen, keep = {}, []
+    for i, p in enumerate(who.tolist()):
+        seen[p] = seen.get(p, 0) + 1
+        if pick(p, seen[p] - 1):
+            keep.append(i)
+    w = ShardWriter(out, s.image_size, "raw")
+    w.write_shard(0, [ids[i] for i in keep], [encode(faces[i], "raw") for i in keep], {}, [int(who[i]) for i in keep])
+    w.close()
+    return len(keep)
+
+
+@pytest.fixture(scope="module")
+def people(celeba64, tmp_path_factory):
+    root = tmp_path_factory.mktemp("identity")
+    chosen = set(sorted(set(ShardSet(celeba64 / "train").identities().tolist()))[:60])
+    assert _subset(celeba64 / "train", root / "train", lambda p, k: p in chosen and k < 20) == 1200
+    assert _subset(celeba64 / "train", root / "others", lambda p, k: p in chosen and k >= 20) == 600
+    return root
+
+
+def _audit(capsys, people, celeba64, fake, *extra):
+    rc = audit_job.main(["--identity", "--fake", str(fake), "--train", str(people / "train"), "--heldout",
+                         str(celeba64 / "val"), "--n", "200", "--cache", str(people / "cache"), *extra])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out.strip().splitlines()[-1]) if rc in (0, 1) else err)
+
+
+def test_identity_audit_controls_and_calibration(people, celeba64, capsys, tmp_path):
+    rc, pos = _audit(capsys, people, celeba64, people / "others", "--out", str(tmp_path))
+    # Calibration on the sample: the searches of held-out people against the training gallery.
+    assert pos["fpir"] <= 0.02 and pos["tpir"] >= 0.70, pos
+    assert pos["n_train_identities"] == 60 and pos["n_heldout_identities"] == 26 and pos["n_fake"] == 200
+    # New photos of training people: the people are recognised, and the audit says so.
+    assert rc == 1 and pos["flagged"] and pos["identity_auc"] >= 0.9 and pos["identity_match_rate"] > 0.5, pos
+    assert len(pos["top_identities"]) == 5 and all(t["matches"] >= 2 for t in pos["top_identities"])
+    assert json.loads((tmp_path / "identity_summary.json").read_text())["identity_auc"] == pos["identity_auc"]
+    assert (tmp_path / "identity_evidence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rc, copies = _audit(capsys, people, celeba64, people / "train")
+    assert rc == 1 and copies["flagged"] and copies["identity_match_rate"] > 0.95, copies
+    # People in neither set: chance level, not flagged.
+    rc, neg = _audit(capsys, people, celeba64, celeba64 / "test")
+    assert rc == 0 and not neg["flagged"], neg
+    assert abs(neg["identity_auc"] - 0.5) <= 0.15 and neg["identity_match_rate"] <= neg["fpir"] + 0.03, neg
+    assert neg["threshold"] == pos["threshold"]  # the same calibration, from the cached embeddings
+
+
+def test_identity_audit_refusals(people, celeba64, faces64, capsys):
+    rc, err = _audit(capsys, people, celeba64, people / "others", "--heldout", str(people / "others"))
+    assert rc == 2 and "people are in both the training and the held-out set" in err, err
+    few = people / "few"
+    _subset(celeba64 / "val", few, lambda p, k: k < 2 and p in set(sorted(set(ShardSet(celeba64 / "val").identities().tolist()))[:9]))
+    rc, err = _audit(capsys, people, celeba64, people / "others", "--heldout", str(few))
+    assert rc == 2 and "at least 10 held-out people, got 9" in err, err
+    rc, err = _audit(capsys, people, celeba64, people / "others", "--train", str(faces64))
+    assert rc == 2 and "no identity column" in err and "--identities identity_CelebA.txt" in err, err
+    assert err.count("\n") == 1
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_identity_score_does_not_depend_on_photos_per_person():
+    # Synthetic people: a centre each, photos and fakes scattered around it. Training people
+    # have 3 photos, held-out people 30; fakes show people of neither set. With a score that
+    # summed or took the minimum over photos, the 30-photo people would look "closer".
+    rng = np.random.default_rng(0)
+    centres = _unit(rng.normal(size=(300, 128)))
+    def photos(people, k):
+        v = np.repeat(centres[people], k, axis=0) + 0.08 * rng.normal(size=(len(people) * k, 128))
+        return _unit(v), np.repeat(people, k)
+    train_v, train_ids = photos(np.arange(0, 100), 3)
+    held_v, held_ids = photos(np.arange(100, 200), 30)
+    fake_v, _ = photos(np.arange(200, 300), 2)
+    r = I.audit(fake_v, train_v, train_ids, held_v, held_ids)
+    assert abs(r["identity_auc"] - 0.5) <= 0.1 and not r["flagged"], {k: v for k, v in r.items() if not k.startswith("_")}
+    leak, _ = photos(np.arange(0, 100), 2)  # the same people as training, new photos
+    r = I.audit(leak, train_v, train_ids, held_v, held_ids)
+    assert r["identity_auc"] > 0.95 and r["flagged"] and r["identity_match_rate"] > 0.9
+
+
+def test_identity_audit_without_the_extra_is_one_line(people, celeba64, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dlib" else real(name, *a))
+    rc, err = _audit(capsys, people, celeba64, people / "others")
+    assert rc == 2 and 'pip install -e ".[privacy]"' in err and err.count("\n") == 1, err
