@@ -95,6 +95,11 @@ class EvalConfig:
     kid_subset_size: int = 1000
     register_as: str = ""  # register the best generator under this model name
     audit_samples: int = 0  # > 0: memorization audit of the final generator with this many samples
+    # Identity-leak audit of the final generator (gan/identity.py) when the evaluation is on:
+    # "auto" runs it when the training and held-out shards have identities and the privacy extra
+    # is installed, "on" requires both (checked before Ray starts), "off".
+    identity_audit: str = "auto"
+    identity_samples: int = 500
 
 
 @dataclass
@@ -287,6 +292,8 @@ def validate(cfg: Config) -> Config:
         (e.extractor in ("inception", "pixels"), "eval.extractor",
          f"must be inception or pixels, got {e.extractor!r}"),
         (e.batch_size >= 1 and e.kid_subset_size >= 2, "eval.batch_size/kid_subset_size", "must be positive"),
+        (e.identity_audit in ("auto", "on", "off"), "eval.identity_audit", f"must be auto, on or off, got {e.identity_audit!r}"),
+        (e.identity_samples >= 1, "eval.identity_samples", "must be >= 1"),
     ]
     for ok, key, msg in checks:
         if not ok:

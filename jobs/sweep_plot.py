@@ -34,3 +34,37 @@ def plot_trials(rows: list[dict], metric: str) -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
+
+
+def plot_frontier(rows: list[dict], metric: str, cap: float | None = None) -> bytes:
+    """The quality/privacy frontier: each trial's best ``metric`` against its final
+    ``identity_auc`` (0.5: no identity leak; 1: every training person recognisable), the
+    Pareto-best trials joined, and the sweep's cap (``max_identity_auc``) when it has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((r["identity_auc"], r[metric]) for r in rows if r.get("identity_auc") is not None)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="C0", ms=7)
+    front, best = [], float("inf")
+    for auc, score in pts:  # lower AUC first: a point is on the frontier if it beats every leakier-free one
+        if score < best:
+            front.append((auc, score))
+            best = score
+    ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="C1", lw=1.5, label="frontier")
+    ax.axvline(0.5, color="grey", ls=":", lw=1)
+    ax.text(0.5, 1.0, " chance", transform=ax.get_xaxis_transform(), va="top", color="grey", fontsize=8)
+    if cap is not None:
+        ax.axvline(cap, color="C3", ls="--", lw=1, label=f"cap {cap:g}")
+    ax.set_xlabel("identity_auc (membership attack on training people)")
+    ax.set_ylabel(f"{metric} (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{len(pts)} trials: quality against identity leak", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

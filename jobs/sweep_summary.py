@@ -1,6 +1,8 @@
 """A finished sweep, summed up in MLflow: results.csv and best_config.toml on the parent run,
 sweep_fid.png (each trial's best score against its LR ratio and label range), the best child
-tagged ``facegan.best_trial``, trials ASHA stopped tagged ``facegan.stopped_early``."""
+tagged ``facegan.best_trial``, trials ASHA stopped tagged ``facegan.stopped_early``. When the
+trials ran the identity-leak audit, ``identity_auc`` is a column, sweep_identity.png plots the
+quality/privacy frontier, and ``max_identity_auc`` (< 1) keeps leakier trials out of the best."""
 from __future__ import annotations
 
 import csv
@@ -16,6 +18,10 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
     """results.csv and best_config.toml on the parent run; the best child run tagged."""
     from mlflow.tracking import MlflowClient
 
+    client = MlflowClient(uri)
+    children = {run.data.tags.get("facegan.run_dir"): run for run in client.search_runs(
+        [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
+    cap = sweep.max_identity_auc if sweep.max_identity_auc < 1 else None
     rows, best = [], None
     for r in results:
         df = r.metrics_dataframe
@@ -33,12 +39,19 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
         score = min(finite)
         hp = {k: v for k, v in r.config.items() if not k.startswith("_")}
         tc = trial_config(r.config["_base"], hp)
+        child = children.get(f"{r.config['_sweep_dir']}/{Path(r.path).name}")
+        leak = child.data.metrics.get("identity_auc") if child is not None else None
         row = {"trial": Path(r.path).name, sweep.metric: score, "last_step": last_step,
                "lr_ratio": tc.optim.lr_d / tc.optim.lr_g, "label_lo": tc.loss.real_label_lo,
-               "label_hi": tc.loss.real_label_hi, **hp}
+               "label_hi": tc.loss.real_label_hi, **({"identity_auc": leak} if leak is not None else {}), **hp}
         rows.append(row)
-        if best is None or score < best[0]:
+        eligible = cap is None or (leak is not None and leak <= cap)
+        if eligible and (best is None or score < best[0]):
             best = (score, r, hp)
+    if best is None and rows and cap is not None:
+        aucs = [row["identity_auc"] for row in rows if "identity_auc" in row]
+        raise RuntimeError(f"max_identity_auc {cap:g}: no trial qualifies (lowest identity_auc: "
+                           f"{min(aucs) if aucs else 'none logged'}); every trial is in {sweep.name}'s Tune results")
     if best is None:
         raise RuntimeError(f"no trial reported {sweep.metric}; is eval.every_steps > 0 and an extractor available?")
     buf = io.StringIO()
@@ -49,7 +62,6 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
     toml = "\n".join(f"[{sec}]\n" + "\n".join(f"{k.split('.', 1)[1]} = {_toml(v)}" for k, v in flatten(best_cfg).items()
                                              if k.startswith(sec + "."))
                      for sec in dict.fromkeys(k.split(".")[0] for k in flatten(best_cfg))) + "\n"
-    client = MlflowClient(uri)
     client.log_text(parent, buf.getvalue(), "results.csv")
     client.log_text(parent, toml, "best_config.toml")
     sweep_dir = best[1].config["_sweep_dir"]
@@ -59,9 +71,11 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
 
     png = plot_trials([{**row, "stopped_early": row["last_step"] < full} for row in rows], sweep.metric)
     client.log_image(parent, _png_image(png), "sweep_fid.png")
-    for run in client.search_runs([client.get_run(parent).info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"):
-        where = run.data.tags.get("facegan.run_dir")
+    if any("identity_auc" in row for row in rows):
+        from jobs.sweep_plot import plot_frontier
+
+        client.log_image(parent, _png_image(plot_frontier(rows, sweep.metric, cap)), "sweep_identity.png")
+    for where, run in children.items():
         if where == f"{sweep_dir}/{Path(best[1].path).name}":
             client.set_tag(run.info.run_id, "facegan.best_trial", "true")
         if where in last and last[where] < full:

@@ -102,15 +102,45 @@ def writable(path: Path, key: str) -> None:
 
 
 def check_evaluation(cfg: Config) -> dict | None:
-    """FID's extractor and held-out faces exist, and the real side is cached, before Ray starts."""
+    """FID's extractor and held-out faces exist, and the real side is cached, before Ray starts;
+    eval.identity_audit "auto" is settled here to "on" or "off" (the run's params say which)."""
     from gan.loop import NoHeldOut, prepare_evaluation, real_path
 
     try:
         if cfg.eval.audit_samples > 0:
             real_path(cfg)
+        cfg.eval.identity_audit = identity_audit_mode(cfg)
         return prepare_evaluation(cfg) if cfg.eval.every_steps > 0 else None
     except (ExtractorError, NoHeldOut) as e:
         raise ConfigError(str(e)) from None
+
+
+def identity_audit_mode(cfg: Config) -> str:
+    """"on" when the final identity audit can run: evaluation on, identities on both sides,
+    held-out people disjoint and enough of them, the face matcher installed."""
+    mode = cfg.eval.identity_audit
+    if mode == "off":
+        return "off"
+    from gan.faceid import FaceIDError, model_dir
+    from gan.identity import IdentityAuditError, check_people
+    from gan.loop import real_path
+
+    try:
+        if cfg.eval.every_steps <= 0:
+            raise IdentityAuditError("it runs with the final evaluation: set eval.every_steps > 0")
+        sides = []
+        for path in (cfg.data.path, real_path(cfg)):
+            ids = ShardSet(path).identities()
+            if ids is None:
+                raise IdentityAuditError(f"{path} has no identity column (convert CelebA with --identities)")
+            sides.append(ids)
+        check_people(*sides)
+        model_dir()
+    except (IdentityAuditError, FaceIDError) as e:
+        if mode == "on":
+            raise ConfigError(f"eval.identity_audit=on: {e}") from None
+        return "off"
+    return "on"
 
 
 def train_worker(loop_config: dict) -> None:
@@ -149,6 +179,14 @@ def train_worker(loop_config: dict) -> None:
                                         cfg.eval.extractor, cfg.eval.inception_weights, seed=cfg.train.seed,
                                         device=str(ctx.device), cache=feature_cache(cfg))
             log_audit(tracker, report, picture, step=result.step)
+        if cfg.eval.identity_audit == "on" and result.best is not None:
+            from gan.loop import feature_cache, real_path
+            from jobs.audit import log_identity_audit
+            from jobs.identity_audit import run_identity_audit
+
+            report, picture = run_identity_audit(result.generator, cfg.data.path, real_path(cfg), cfg.eval.identity_samples,
+                                                 seed=cfg.train.seed, cache=feature_cache(cfg), device=str(ctx.device))
+            log_identity_audit(tracker, report, picture, step=result.step)
 
 
 def build_trainer(plan: Plan, tracking_uri: str, run_id: str, extra: dict | None = None, callbacks=None):

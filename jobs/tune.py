@@ -46,6 +46,9 @@ class Sweep:
     # the scores drift (FID rises or falls with the step), a trial can meet an exploit point only
     # ever in the lower half while its donor never saved at the top, and nothing is exploited.
     synch: bool = False
+    # < 1: the best config is the best trial whose final identity_auc (the identity-leak audit,
+    # eval.identity_audit) is at most this; 1: no cap. --max-identity-auc overrides it.
+    max_identity_auc: float = 1.0
     space: dict = field(default_factory=dict)
     # [config]: overrides of the base config for every trial (the sweep's budget and evaluation),
     # applied after the preset and before the command line's --section.field=value.
@@ -138,7 +141,7 @@ def trainable(config: dict) -> None:
     from ray.util.queue import Queue
 
     from jobs.tracking import end_run, start_run
-    from jobs.train import Plan, build_trainer
+    from jobs.train import Plan, build_trainer, total_steps_of
 
     hp = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg = trial_config(config["_base"], hp)
@@ -175,7 +178,7 @@ def trainable(config: dict) -> None:
         except BaseException as e:  # re-raised in the trial
             outcome["error"] = e
 
-    diverged = None
+    diverged, held, last = None, None, total_steps_of(cfg)
     th = threading.Thread(target=fit, daemon=True)
     th.start()
     while th.is_alive() or not queue.empty():
@@ -187,7 +190,14 @@ def trainable(config: dict) -> None:
             diverged = {**metrics, config["_metric"]: math.inf}
             tune.report(diverged)
         elif config["_metric"] in metrics:  # Tune wants its metric in every result it is given
+            if metrics.get("step", 0) >= last and th.is_alive():
+                # The last result makes ASHA stop the trial at max_t, which would kill the Train
+                # run mid-way through what follows it (the final audits): Tune gets it at the end.
+                held = (metrics, checkpoint)
+                continue
             tune.report(metrics, checkpoint=checkpoint)
+    if held is not None and "error" not in outcome:
+        tune.report(held[0], checkpoint=held[1])
     end_run(config["_uri"], run_id, "error" not in outcome and diverged is None)
     if "error" in outcome:
         raise outcome["error"]
@@ -288,9 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--sweep", required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-identity-auc", type=float, default=None,
+                   help="the best config must have identity_auc <= this (needs the identity audit)")
     args, rest = p.parse_known_args(argv)
     try:
         sweep = load_sweep(args.sweep)
+        if args.max_identity_auc is not None:
+            sweep.max_identity_auc = args.max_identity_auc
+        if not 0.5 <= sweep.max_identity_auc <= 1:
+            raise ConfigError(f"max_identity_auc: must be in [0.5, 1] (0.5: no leak at all; 1: no cap), "
+                              f"got {sweep.max_identity_auc}")
         rest = [f"--{k}={v}" for k, v in sweep.config.items()] + rest  # the command line wins
         cfg = validate(load(args.config, rest))
         trial_config(flatten(cfg), {})  # the base alone must be valid too
@@ -303,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
 
         plan = prepare(["--config", args.config, *rest, f"--run.name={sweep.name}-base"])
         storage = plan.storage_path
+        if sweep.max_identity_auc < 1 and plan.cfg.eval.identity_audit != "on":
+            raise ConfigError("max_identity_auc: the trials run no identity audit (eval.identity_audit is off: "
+                              "the shards need identities and the privacy extra must be installed)")
         exists = Path(storage, sweep.name).exists()
         if exists and not args.resume:
             raise ConfigError(f"sweep {sweep.name}: {storage}/{sweep.name} exists; pass --resume or rename it")
@@ -344,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         from jobs.sweep_summary import summarize
 
-        table, toml, best = summarize(results, sweep, uri, parent)
+        try:
+            table, toml, best = summarize(results, sweep, uri, parent)
+        except RuntimeError as e:  # nothing to rank, or no trial under the identity cap
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         status = "FINISHED"
     finally:
         end_run(uri, parent, status)

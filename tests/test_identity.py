@@ -9,7 +9,9 @@ Held-out (calibration, and the negative class of the AUC): the val split's 26 pe
 """
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +19,9 @@ import pytest
 from datasets.shards import ShardSet, ShardWriter, encode
 from gan import identity as I
 from jobs import audit as audit_job
+from jobs import train as train_job
+from jobs import tune as tune_job
+from tests.conftest import child_runs
 
 pytest.importorskip("dlib")
 
@@ -48,7 +53,7 @@ def people(celeba64, tmp_path_factory):
 
 def _audit(capsys, people, celeba64, fake, *extra):
     rc = audit_job.main(["--identity", "--fake", str(fake), "--train", str(people / "train"), "--heldout",
-                         str(celeba64 / "val"), "--n", "200", "--cache", str(people / "cache"), *extra])
+                         str(celeba64 / "val"), "--n", "200", "--cache", str(people / "feature_cache"), *extra])
     out, err = capsys.readouterr()
     return rc, (json.loads(out.strip().splitlines()[-1]) if rc in (0, 1) else err)
 
@@ -114,3 +119,48 @@ def test_identity_audit_without_the_extra_is_one_line(people, celeba64, capsys, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "dlib" else real(name, *a))
     rc, err = _audit(capsys, people, celeba64, people / "others")
     assert rc == 2 and 'pip install -e ".[privacy]"' in err and err.count("\n") == 1, err
+
+
+def _run_args(people, celeba64, *extra):
+    # run.storage_path = people: the run's feature cache is the one the audits above filled.
+    return ["--config", "configs/smoke.toml", f"--run.storage_path={people}", "--data.source=shards",
+            f"--data.path={people / 'train'}", f"--eval.real_path={celeba64 / 'val'}", "--model.width=0.0625",
+            "--train.batch_size=16", "--train.max_steps=8", "--train.log_every=4", "--scale.num_workers=1",
+            "--scale.cpus_per_worker=0.5", "--eval.every_steps=8", "--eval.extractor=pixels",
+            "--eval.num_samples=64", "--eval.identity_samples=64", *extra]
+
+
+def test_run_and_sweep_log_the_identity_audit(people, celeba64, faces64, ray_local, mlflow_store, root_cwd, capsys):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_store)
+    # Shards with identities and the extra installed: "auto" audits the final generator.
+    assert train_job.main(_run_args(people, celeba64, "--run.name=leak")) == 0
+    run_id = capsys.readouterr().out.split("run_id: ")[1].split()[0]
+    run = client.get_run(run_id)
+    assert run.data.params["eval.identity_audit"] == "on"
+    [auc] = client.get_metric_history(run_id, "identity_auc")
+    assert auc.step == 8 and 0 <= auc.value <= 1 and len(client.get_metric_history(run_id, "identity_match_rate")) == 1
+    assert {a.path for a in client.list_artifacts(run_id, "audit")} == {"audit/identity_summary.json",
+                                                                           "audit/identity_evidence.png"}
+    summary = json.loads(Path(client.download_artifacts(run_id, "audit/identity_summary.json")).read_text())
+    assert summary["n_fake"] == 64 and summary["n_train_identities"] == 60 and summary["identity_auc"] == auc.value
+    # Without identities, "auto" is off and "on" is refused before Ray, in one line.
+    generated = ["--data.source=shards", f"--data.path={faces64}", "--eval.real_path="]
+    capsys.readouterr()  # the artifact download's progress bar
+    assert train_job.main(_run_args(people, celeba64, "--run.name=noid", "--eval.identity_audit=on", *generated)) == 2
+    err = capsys.readouterr().err
+    assert "eval.identity_audit=on:" in err and "no identity column" in err and err.count("\n") == 1, err
+    # A sweep: every trial's identity_auc in results.csv, the frontier plot, and a cap.
+    sweep = people / "leak-sweep.toml"
+    sweep.write_text('[sweep]\nname = "leak-sweep"\nnum_samples = 2\ngrace_period = 8\n\n[space]\n'
+                     '"optim.lr_ratio" = { type = "loguniform", low = 0.1, high = 4.0 }\n')
+    assert tune_job.main(["--sweep", str(sweep), "--max-identity-auc", "0.99", *_run_args(people, celeba64)]) == 0
+    parent = capsys.readouterr().out.split("parent_run_id: ")[1].split()[0]
+    assert {"results.csv", "sweep_identity.png"} <= {a.path for a in client.list_artifacts(parent)}
+    table = list(csv.DictReader(Path(client.download_artifacts(parent, "results.csv")).open()))
+    assert len(table) == 2 and all(0 <= float(r["identity_auc"]) <= 1 for r in table)
+    best = [c for c in child_runs(client, parent) if c.data.tags.get("facegan.best_trial") == "true"]
+    assert len(best) == 1 and best[0].data.metrics["identity_auc"] <= 0.99
+    assert tune_job.main(["--sweep", str(sweep), "--max-identity-auc", "0.9", *_run_args(people, celeba64), *generated]) == 2
+    assert "max_identity_auc: the trials run no identity audit" in capsys.readouterr().err
