@@ -70,7 +70,7 @@ def test_ray_job_submit_lands_in_mlflow(ray_head, mlflow_server, faces64, tmp_pa
          "python", "-m", "jobs.train", "--config", "configs/smoke.toml",
          "--data.source=shards", f"--data.path={faces64}", "--model.width=0.0625",
          "--train.batch_size=16", "--train.max_steps=12", "--train.log_every=4",
-         "--eval.every_steps=12", "--eval.num_samples=32",
+         "--eval.every_steps=12", "--eval.num_samples=32", "--eval.register_as=submitted-g",
          f"--run.storage_path={tmp_path / 'runs'}", "--run.name=submitted",
          "--scale.cpus_per_worker=0.5"],
         env=env, capture_output=True, text=True, timeout=900)
@@ -85,6 +85,15 @@ def test_ray_job_submit_lands_in_mlflow(ray_head, mlflow_server, faces64, tmp_pa
     assert [m.step for m in client.get_metric_history(run_id, "fid")] == [12]  # standard Inception, on the cluster
     assert "samples/final.png" in {a.path for a in client.list_artifacts(run_id, "samples")}
     assert (tmp_path / "runs" / "submitted" / "checkpoint_000000012" / "checkpoint.pt").is_file()
+    # What the UI's run page reads from this server's REST API (infra/screenshots.sh shows it):
+    # images by key and step for the step slider, both dataset inputs, system metrics, the
+    # model-training experiment kind, and the champion alias on this run's registered generator.
+    images = [a.path.split("/")[-1] for a in client.list_artifacts(run_id, "images")]
+    assert {n.split("+step+")[0] + "@" + n.split("+")[2] for n in images} == {"real@0", "samples@12"}, images
+    assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"train", "eval"}
+    assert any(k.startswith("system/cpu_utilization_percentage") for k in run.data.metrics), sorted(run.data.metrics)
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_model_version_by_alias("submitted-g", "champion").run_id == run_id
 
 
 def test_ray_job_submit_runs_a_sweep(ray_head, mlflow_server, faces64, tmp_path):
