@@ -20,7 +20,7 @@ URL="http://127.0.0.1:$PORT"
 
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$PY" -m mlflow server --host 127.0.0.1 --port "$PORT" \
   --workers 1 --backend-store-uri "sqlite:///$WORK/mlflow.db" --artifacts-destination "$WORK/artifacts" \
-  --allowed-hosts "127.0.0.1:$PORT,mlflow.test:$PORT" \
+  --allowed-hosts "127.0.0.1:$PORT,mlflow.test:$PORT" --cors-allowed-origins "http://mlflow.test:$PORT" \
   >"$WORK/mlflow.log" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; rm -rf "$WORK"' EXIT
@@ -39,16 +39,18 @@ EXP="$("$PY" -c "import mlflow, sys; print(mlflow.MlflowClient('$URL').get_run(s
 
 mkdir -p "$OUT"
 # The browser reaches the server as mlflow.test (mapped to 127.0.0.1): on a localhost address
-# MLflow 3.17's UI opens its AI-assistant panel over a third of every page.
-shot() {  # name, URL fragment: a fresh headless browser per page, given time to fetch and draw
+# MLflow 3.17's UI opens its AI-assistant panel over a third of every page. That origin is
+# allowed as a host and for CORS (else the UI's POST searches are refused: "Request error").
+shot() {  # name, URL fragment[, page height]: a fresh headless browser per page, time to fetch and draw
   "$BROWSER" --headless=new --no-sandbox --disable-gpu --hide-scrollbars --no-first-run \
     --user-data-dir="$WORK/chromium" --host-resolver-rules="MAP mlflow.test 127.0.0.1" \
-    --window-size=1600,1100 --virtual-time-budget=30000 \
+    --window-size="1600,${3:-1100}" --virtual-time-budget=30000 \
     --screenshot="$OUT/$1.png" "http://mlflow.test:$PORT/#/$2" 2>>"$WORK/chromium.log" >/dev/null
   echo "wrote $OUT/$1.png  ($URL/#/$2)"
 }
 shot run-overview "experiments/$EXP/runs/$RUN"
-shot run-charts "experiments/$EXP/runs/$RUN/model-metrics"
+shot run-charts "experiments/$EXP/runs/$RUN/model-metrics" 2600
 shot run-system-metrics "experiments/$EXP/runs/$RUN/system-metrics"
 shot sweep-parent "experiments/$EXP/runs/$PARENT"
+shot sweep-parent-artifacts "experiments/$EXP/runs/$PARENT/artifacts"
 shot experiment-runs "experiments/$EXP/runs"

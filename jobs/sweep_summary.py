@@ -83,6 +83,12 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
         if run.info.status == "RUNNING":  # a trial the scheduler stopped: its actor ended without a word
             client.set_terminated(run.info.run_id, "FINISHED")
     client.set_tag(parent, f"facegan.best_{sweep.metric}", f"{best[0]:.6g}")
+    client.set_tag(parent, "mlflow.note.content",  # the run page's description
+                   f"Sweep {sweep.name}: {len(rows)} trials ({sweep.scheduler}, {sweep.search} search) over "
+                   f"{', '.join(sweep.space)}. Best {sweep.metric} {best[0]:.4g} ({Path(best[1].path).name}: "
+                   + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in best[2].items())
+                   + "). Artifacts: results.csv, best_config.toml (a preset), sweep_fid.png"
+                   + (", sweep_identity.png" if any("identity_auc" in row for row in rows) else "") + ".")
     return buf.getvalue(), toml, {"score": best[0], "hp": best[2]}
 
 

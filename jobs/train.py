@@ -143,6 +143,20 @@ def identity_audit_mode(cfg: Config) -> str:
     return "on"
 
 
+def _quiet_reports() -> None:
+    """Ray Train logs every report of every worker at INFO ("Reporting training result N: ..."),
+    one long line per worker per log step on the driver's console, beside the progress bar that
+    says the same in one line. Its logger is named after its file (Ray internals: if they move,
+    the lines come back, nothing breaks)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -151,6 +165,7 @@ def train_worker(loop_config: dict) -> None:
     from jobs.ray_context import RayTrainContext
     from jobs.tracking import Tracker, system_metrics
 
+    _quiet_reports()
     cfg = from_flat(loop_config["config"])
     rank0 = ray.train.get_context().get_world_rank() == 0
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank0 else None

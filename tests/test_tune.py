@@ -186,6 +186,8 @@ def test_asha_optuna_sweep_stops_trials_early_and_logs_parent_children_best(ray_
     assert cfg.optim.lr_d == pytest.approx(float(top["optim.lr_g"]) * float(top["optim.lr_ratio"]))
     assert float(best[0].data.params["optim.lr_g"]) == pytest.approx(cfg.optim.lr_g)
     assert "best fid" in out and parent in out
+    note = client.get_run(parent).data.tags["mlflow.note.content"]  # the parent's run page says what won
+    assert f"Best fid {float(top['fid']):.4g} ({top['trial']}" in note and "4 trials (asha, optuna search)" in note, note
     assert {"lr_ratio", "label_lo", "label_hi"} <= set(top)
     # Every child holds its own metric history, judged by the standard Inception's FID.
     for c in children:
