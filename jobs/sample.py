@@ -24,6 +24,21 @@ from gan.images import grid, to_uint8
 from gan.models import sample_z
 
 
+class Exported(torch.nn.Module):
+    """A generator logged in the pt2 format: its traced graph (already in eval mode, which an
+    exported graph cannot switch) with the ``z_dim`` the rest of the code asks a generator for."""
+
+    def __init__(self, graph: torch.nn.Module, z_dim: int):
+        super().__init__()
+        self.graph, self.z_dim = graph, int(z_dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.graph(z)
+
+    def train(self, mode: bool = True):
+        return self
+
+
 def load_generator(source: str) -> torch.nn.Module:
     if source.startswith(("runs:/", "models:/")):
         import mlflow
@@ -31,7 +46,11 @@ def load_generator(source: str) -> torch.nn.Module:
         from jobs.tracking import resolve_tracking_uri
 
         mlflow.set_tracking_uri(resolve_tracking_uri())
-        return mlflow.pytorch.load_model(source, map_location="cpu").eval()
+        model = mlflow.pytorch.load_model(source, map_location="cpu")
+        if isinstance(model, torch.fx.GraphModule):  # pt2: an exported graph, not our module
+            z_dim = mlflow.models.get_model_info(source).signature.inputs.inputs[0].shape[-1]
+            return Exported(model, z_dim)
+        return model.eval()  # a generator logged in the pickle format before pt2
     path = Path(source)
     if path.is_dir():
         path = path / CHECKPOINT_FILE

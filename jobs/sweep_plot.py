@@ -49,7 +49,7 @@ def plot_frontier(rows: list[dict], metric: str, cap: float | None = None) -> by
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="C0", ms=7)
     front, best = [], float("inf")
-    for auc, score in pts:  # lower AUC first: a point is on the frontier if it beats every leakier-free one
+    for auc, score in pts:  # by AUC: on the frontier when no less leaky trial scores better
         if score < best:
             front.append((auc, score))
             best = score

@@ -186,9 +186,10 @@ class Tracker:
 def log_generator(tracking_uri: str, run_id: str, G, model_cfg, register_as: str = "", description: str = "") -> None:
     """The generator as an MLflow PyTorch model that runs at any batch size.
 
-    MLflow 3 defaults to the pt2 format, which exports the graph traced at the input
-    example's batch size; the pickle format keeps the module (and ships ``gan/`` with it via
-    ``code_paths``), so the loaded generator takes any number of z's.
+    Saved in MLflow's pt2 format (``torch.export``): a traced graph that loads without
+    unpickling anything, so opening a model from a shared tracking server runs no code from it.
+    The signature's batch dimension is -1, which MLflow 3.17 exports as dynamic: the loaded
+    graph takes any number of z's, 1 included (tested), in eval mode (BN running statistics).
     """
     import numpy as np
     import torch
@@ -204,11 +205,10 @@ def log_generator(tracking_uri: str, run_id: str, G, model_cfg, register_as: str
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, z_dim))]),
                                outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, G.size, G.size))]))
     example = (torch.rand(2, z_dim) * 2 - 1).numpy()
-    gan_dir = str(Path(__file__).resolve().parents[1] / "gan")
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        info = mlflow.pytorch.log_model(G, name=MODEL_PATH, serialization_format="pickle", signature=signature,
-                                        input_example=example, code_paths=[gan_dir],
+        info = mlflow.pytorch.log_model(G, name=MODEL_PATH, serialization_format="pt2", signature=signature,
+                                        input_example=example,
                                         registered_model_name=register_as or None,
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
     if register_as and info.registered_model_version is not None:
