@@ -49,7 +49,7 @@ shot() {  # name, URL fragment[, page height]: a fresh headless browser per page
   echo "wrote $OUT/$1.png  ($URL/#/$2)"
 }
 shot run-overview "experiments/$EXP/runs/$RUN"
-shot run-charts "experiments/$EXP/runs/$RUN/model-metrics" 2600
+shot run-charts "experiments/$EXP/runs/$RUN/model-metrics"
 shot run-system-metrics "experiments/$EXP/runs/$RUN/system-metrics"
 shot sweep-parent "experiments/$EXP/runs/$PARENT"
 shot sweep-parent-artifacts "experiments/$EXP/runs/$PARENT/artifacts"
