@@ -27,7 +27,10 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import torch
 from scipy.stats import binom, mannwhitneyu
+
+from gan.audit import nearest as _nearest
 
 MIN_HELDOUT_IDENTITIES = 10
 
@@ -36,15 +39,11 @@ class IdentityAuditError(ValueError):
     """The identity audit cannot be trusted as asked (shared people, too few held-out people)."""
 
 
-def nearest(query: np.ndarray, gallery: np.ndarray, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Each query row's nearest gallery row (distance, index); unit vectors: |a-b|² = 2 - 2a·b."""
-    dist, idx = np.empty(len(query)), np.empty(len(query), np.int64)
-    for s in range(0, len(query), chunk):
-        sim = query[s:s + chunk].astype(np.float64) @ gallery.astype(np.float64).T
-        j = sim.argmax(axis=1)
-        idx[s:s + chunk] = j
-        dist[s:s + chunk] = np.sqrt(np.clip(2 - 2 * sim[np.arange(len(j)), j], 0, None))
-    return dist, idx
+def nearest(query: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each query row's nearest gallery row (Euclidean distance, index): the image-space
+    audit's chunked search (gan/audit.py), on face vectors."""
+    d, idx = _nearest(torch.from_numpy(np.ascontiguousarray(query)), torch.from_numpy(np.ascontiguousarray(gallery)))
+    return d.numpy(), idx.numpy()
 
 
 def check_people(train_ids: np.ndarray, held_ids: np.ndarray) -> None:
