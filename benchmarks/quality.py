@@ -38,11 +38,14 @@ from gan.config import Config, ConfigError, apply, validate
 from gan.context import LocalContext
 from gan.evaluate import Evaluator, build_extractor
 from gan.images import grid, to_uint8
-from gan.loop import train
+from gan.loop import train_local
 from gan.models import sample_z
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT.parent / "shared" / "data" / "celeba-sample"
+# The CelebA sample beside the checkout; on a GPU box, where ../shared does not travel, a copy
+# of its zip and partition file in the git-ignored data/celeba-sample.
+SAMPLES = (ROOT.parent / "shared" / "data" / "celeba-sample", ROOT / "data" / "celeba-sample")
+SAMPLE = next((s for s in SAMPLES if (s / "img_align_celeba.zip").is_file()), SAMPLES[0])
 TTUR = {"optim.lr_d": 4e-4, "optim.lr_g": 1e-4}
 VARIANTS: dict[str, dict] = {
     "seed": {},  # lr_d 4e-5, lr_g 2e-4: the seed's ratio 0.2
@@ -98,7 +101,7 @@ def ensure_data(data: str | None, size: int) -> Path:
         from datasets.celeba import main as convert
 
         if not (SAMPLE / "img_align_celeba.zip").is_file():
-            raise ConfigError(f"--data: no shard set given and no CelebA sample at {SAMPLE}")
+            raise ConfigError(f"--data: no shard set given and no CelebA sample at {' or '.join(map(str, SAMPLES))}")
         rc = convert(["--src", str(SAMPLE / "img_align_celeba.zip"), "--partition",
                       str(SAMPLE / "list_eval_partition.txt"), "--out", str(out), "--size", str(size)])
         if rc != 0:
@@ -122,7 +125,7 @@ def run_one(name: str, overrides: dict, seed: int, data: Path, a, extractor, out
     with tempfile.TemporaryDirectory() as tmp:
         cfg = protocol_config(data, a, overrides, seed, tmp)
         t0 = time.perf_counter()
-        res = train(cfg, LocalContext(tmp, device=a.device, resume=False))
+        res = train_local(cfg, LocalContext(tmp, device=a.device, resume=False))
         train_s = time.perf_counter() - t0
         ev = Evaluator(extractor, ShardSet(data / "val"), a.n, 0, 1, torch.device(a.device),
                        ROOT / "runs" / "feature_cache", seed=0)

@@ -213,6 +213,7 @@ class ShardSet:
         self.image_size = int(self.manifest["image_size"])
         self.encoding = self.manifest.get("encoding", "raw")
         self.files: list[pq.ParquetFile] = []
+        self.file_paths: list[str] = []
         self.row_groups: list[RowGroup] = []
         for fi, entry in enumerate(self.manifest["shards"]):
             fpath = f"{root}/{entry['file']}"
@@ -228,9 +229,13 @@ class ShardSet:
             if pf.metadata.num_rows != entry["rows"]:
                 raise ShardError(f"{shown}: {pf.metadata.num_rows} rows, manifest says {entry['rows']}")
             self.files.append(pf)
+            self.file_paths.append(shown)
             md = pf.metadata
             self.row_groups += [RowGroup(fi, i, md.row_group(i).num_rows) for i in range(md.num_row_groups)]
         self.count = sum(rg.rows for rg in self.row_groups)
+        # Stored-order position of each row group's first row (and the total, last).
+        self.starts = np.cumsum([0] + [rg.rows for rg in self.row_groups])
+        self._columns: dict[int, pa.Array] = {}
 
     _decoder: ThreadPoolExecutor | None = None
 
@@ -245,11 +250,54 @@ class ShardSet:
         size = self.image_size
         if self.encoding != "raw":
             # Pillow releases the GIL while decoding: threads scale across cores.
-            return np.stack(list(self._pool().map(decode, arr.to_pylist())))
+            try:
+                return np.stack(list(self._pool().map(decode, arr.to_pylist())))
+            except (OSError, ValueError) as e:
+                raise ShardError(f"{self.file_paths[rg.file]}: row group {rg.index}: "
+                                 f"not a decodable image ({e})") from None
         n, nbytes = len(arr), size * size * 3
         data = np.frombuffer(arr.buffers()[1], dtype=np.uint8, count=n * nbytes, offset=arr.offset * nbytes)
         return data.reshape(n, size, size, 3)
 
+
+    def _column(self, g: int) -> pa.Array:
+        """Row group ``g``'s encoded image column; the last few are kept (a batch draws from the
+        few row groups of one shuffle window)."""
+        if g not in self._columns:
+            rg = self.row_groups[g]
+            try:
+                table = self.files[rg.file].read_row_group(rg.index, columns=["image"])
+            except (pa.ArrowException, OSError) as e:
+                raise ShardError(f"{self.file_paths[rg.file]}: row group {rg.index} unreadable ({e})") from None
+            if len(self._columns) >= 16:
+                self._columns.pop(next(iter(self._columns)))
+            self._columns[g] = table.column("image").combine_chunks()
+        return self._columns[g]
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """The faces at these stored-order positions (uint8 NHWC), decoding only those rows:
+        what a loader process does for one batch."""
+        indices = np.asarray(indices, dtype=np.int64)
+        size = self.image_size
+        out = np.empty((len(indices), size, size, 3), np.uint8)
+        groups = np.searchsorted(self.starts, indices, side="right") - 1
+        for g in np.unique(groups):
+            sel = np.nonzero(groups == g)[0]
+            rows = indices[sel] - self.starts[g]
+            col = self._column(int(g))
+            if self.encoding == "raw":
+                n, nbytes = len(col), size * size * 3
+                data = np.frombuffer(col.buffers()[1], np.uint8, count=n * nbytes, offset=col.offset * nbytes)
+                out[sel] = data.reshape(n, size, size, 3)[rows]
+                continue
+            for i, r in zip(sel, rows):
+                try:
+                    out[i] = decode(col[int(r)].as_py())
+                except (OSError, ValueError) as e:
+                    rg = self.row_groups[g]
+                    raise ShardError(f"{self.file_paths[rg.file]}: row group {rg.index}, row {r}: "
+                                     f"not a decodable image ({e})") from None
+        return out
 
     def ids(self) -> list[str]:
         """Every row's id, in stored order (row group by row group)."""
@@ -264,7 +312,7 @@ class ShardSet:
 
     def rows_at(self, indices: list[int]) -> np.ndarray:
         """The faces at these stored-order positions (uint8 NHWC)."""
-        starts = np.cumsum([0] + [rg.rows for rg in self.row_groups])
+        starts = self.starts
         cache: dict[int, np.ndarray] = {}
         out = []
         for i in indices:
@@ -297,6 +345,19 @@ class ShardReader:
     def steps_in_epoch(self, epoch: int) -> int:
         # Every rank must take the same number of steps, or DDP's collectives hang.
         return min(sum(g.rows for g in self.share(epoch, r)) for r in range(self.world)) // self.batch_size
+
+    def plan(self, epoch: int) -> np.ndarray:
+        """The epoch's batches as stored-order row positions, shape (steps, batch): exactly the
+        rows and order of :meth:`iter_epoch` (same windows, same seeded permutations), as
+        indices, so that loader processes can each decode whole batches of them."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards.row_groups))
+        mine, starts = order[self.rank::self.world], self.shards.starts
+        seq = []
+        for w in range(0, len(mine), self.window):
+            rows = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in mine[w:w + self.window]])
+            seq.append(rows[np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(len(rows))])
+        steps = self.steps_in_epoch(epoch)
+        return np.concatenate(seq)[:steps * self.batch_size].reshape(steps, self.batch_size)
 
     def iter_epoch(self, epoch: int, start_batch: int = 0) -> Iterator[np.ndarray]:
         groups, bs = self.share(epoch), self.batch_size

@@ -48,6 +48,9 @@ class DataConfig:
     # Rows are shuffled within windows of this many row groups (memory vs. mixing).
     shuffle_groups: int = 4
     verify_checksums: bool = True  # sha256 of every shard against the manifest, before training
+    # Processes that decode batches (datasets/loader.py); 0: a thread of the training process;
+    # -1 (auto): 0 on CPU, else the rank's CPUs (Ray: scale.cpus_per_worker) less one, at most 8.
+    loader_workers: int = -1
 
 
 @dataclass
@@ -110,7 +113,7 @@ class PerfConfig:
     compile: str = "auto"
     fused_adam: str = "auto"
     tf32: str = "auto"
-    prefetch: int = 4  # batches read and decoded ahead in a background thread (0: off)
+    prefetch: int = 4  # batches decoded ahead of the step (0: none ahead, with data.loader_workers = 0)
 
 
 @dataclass
@@ -252,6 +255,7 @@ def validate(cfg: Config) -> Config:
         (cfg.data.generated_count > 0, "data.generated_count", "must be > 0"),
         (cfg.data.generated_heldout >= 0, "data.generated_heldout", "must be >= 0"),
         (cfg.data.shuffle_groups >= 1, "data.shuffle_groups", "must be >= 1"),
+        (cfg.data.loader_workers >= -1, "data.loader_workers", "must be >= 0, or -1 (auto)"),
         (0.0 <= lo.real_label_lo <= lo.real_label_hi <= 1.0, "loss.real_label_lo/hi",
          f"need 0 <= lo <= hi <= 1, got lo={lo.real_label_lo}, hi={lo.real_label_hi}"),
         (lo.noise_sigma_max >= 0, "loss.noise_sigma_max", "must be >= 0"),

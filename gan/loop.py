@@ -1,4 +1,8 @@
-"""The training loop: runs on every rank, sees the launcher only through a ``Context``."""
+"""The training loop: runs on every rank, sees the launcher only through a ``Context``.
+
+It is handed what it consumes, a batch source (datasets/loader.py) and an evaluator (or None);
+:func:`open_inputs` builds both from the config for a launcher.
+"""
 from __future__ import annotations
 
 import copy
@@ -11,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from datasets.shards import ShardReader, ShardSet, prefetch
+from datasets.loader import BatchSource, loader_workers
+from datasets.shards import ShardSet
 from gan import bn, perf
 from gan.augment import AugmentState, parse
 from gan.config import Config, flatten
@@ -93,6 +98,22 @@ def make_evaluator(cfg: Config, ctx: Context) -> Evaluator | None:
                      feature_cache(cfg), e.batch_size, e.kid_subset_size, cfg.train.seed)
 
 
+def open_inputs(cfg: Config, ctx: Context, cpus: float | None = None) -> tuple[BatchSource, Evaluator | None]:
+    """What :func:`train` consumes, for this rank: its batches (decoded in
+    ``data.loader_workers`` processes; ``cpus`` is what the launcher gave the rank) and the
+    evaluator (None without evaluation)."""
+    workers = loader_workers(cfg.data.loader_workers, ctx.device, cpus)
+    data = BatchSource(cfg.data.path, ctx.rank, ctx.world_size, cfg.train.batch_size // ctx.world_size,
+                       cfg.train.seed, cfg.data.shuffle_groups, workers, cfg.perf.prefetch,
+                       pin=ctx.device.type == "cuda")
+    return data, make_evaluator(cfg, ctx)
+
+
+def train_local(cfg: Config, ctx: Context) -> "TrainResult":
+    """:func:`train` on the inputs :func:`open_inputs` builds (tests, benchmarks)."""
+    return train(cfg, ctx, *open_inputs(cfg, ctx))
+
+
 def make_health(cfg: Config, shards: ShardSet, ctx: Context) -> Health:
     def first(s: ShardSet):
         return np.concatenate(list(iter_rows(s, PROBE)))
@@ -103,7 +124,8 @@ def make_health(cfg: Config, shards: ShardSet, ctx: Context) -> Health:
     return Health(first(shards), held, ctx.device)
 
 
-def total_steps(reader: ShardReader, cfg: Config) -> int:
+def total_steps(reader, cfg: Config) -> int:
+    """``reader``: anything with ``steps_in_epoch`` (a ShardReader or a BatchSource)."""
     by_epochs = sum(reader.steps_in_epoch(e) for e in range(cfg.train.epochs))
     return min(by_epochs, cfg.train.max_steps) if cfg.train.max_steps > 0 else by_epochs
 
@@ -120,7 +142,10 @@ class _Meter:
         for k, v in stats.items():
             if k in ("label_min", "label_max"):
                 continue
-            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+            if k in self.sums:
+                self.sums[k].add_(v)  # in place: no allocation per stat per step
+            else:
+                self.sums[k] = v.detach().float().clone()
         self.n += 1
 
     def flush(self, ctx: Context, global_batch: int) -> dict[str, float]:
@@ -132,17 +157,14 @@ class _Meter:
         return out
 
 
-def train(cfg: Config, ctx: Context) -> TrainResult:
+def train(cfg: Config, ctx: Context, data: BatchSource, evaluator: Evaluator | None = None) -> TrainResult:
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    shards = ShardSet(cfg.data.path)
-    if shards.image_size != cfg.model.size:
-        raise ValueError(f"data.path {cfg.data.path} holds {shards.image_size}px faces, "
+    if data.image_size != cfg.model.size:
+        raise ValueError(f"data.path {cfg.data.path} holds {data.image_size}px faces, "
                          f"model.size is {cfg.model.size}")
-    reader = ShardReader(shards, ctx.rank, ctx.world_size, t.batch_size // ctx.world_size,
-                         t.seed, cfg.data.shuffle_groups)
-    total = total_steps(reader, cfg)
+    total = total_steps(data, cfg)
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     G, D = build(cfg.model)
@@ -196,15 +218,10 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
     perf.compile_models(G, D, on)
     nets = Nets(ctx.wrap(G), ctx.wrap(D), D, opt_g, opt_d, cfg.model.z_dim, perf.autocast_factory(on, ctx.device),
                 lc.kind, aug)
-    pin = ctx.device.type == "cuda"
-
-    def to_tensor(images):  # in the prefetch thread: page-locked so the copy can be async
-        x = torch.from_numpy(images)
-        return (images, x.pin_memory() if pin else x)
     fixed_z = sample_z(FIXED_SAMPLES, cfg.model.z_dim, torch.Generator().manual_seed(t.seed)).to(ctx.device)
     gen = torch.Generator(device=ctx.device)
     meter, metrics = _Meter(), {}
-    evaluator, health = make_evaluator(cfg, ctx), make_health(cfg, shards, ctx)
+    health = make_health(cfg, data.shards, ctx)
 
     def evaluate() -> tuple[dict[str, float], nn.Module | None]:
         """Scores, and the generator to publish when they are the best so far (rank 0)."""
@@ -224,48 +241,50 @@ def train(cfg: Config, ctx: Context) -> TrainResult:
         settle()
         return {f"samples/{name}.png": sample_grid_png(sampler, fixed_z)} if ctx.rank == 0 else None
 
-    while step < total and not ctx.should_stop():
-        if batch >= reader.steps_in_epoch(epoch):
-            epoch, batch = epoch + 1, 0
-            continue
-        for images, host in prefetch(reader.iter_epoch(epoch, batch), cfg.perf.prefetch, to_tensor):
-            if step == 0:  # what the model is shown, as stored: lets a person check data and crop
-                real = {"samples/real.png": png_bytes(grid(images[:FIXED_SAMPLES]))} if ctx.rank == 0 else None
-                ctx.report(step, {}, artifacts=real)
-            x = host.to(ctx.device, non_blocking=True)
-            gen.manual_seed(step_seed(t.seed, ctx.rank, step))
-            meter.add(train_step(x, nets, cfg.loss, gen))
-            if ema is not None:
-                update_ema(ema, G, t.ema_decay, step)
-            step, batch = step + 1, batch + 1
-            if aug is not None and step % aug.INTERVAL == 0:
-                aug.adjust(ctx.mean, t.batch_size)
-            log_now, ckpt_now = step % t.log_every == 0, step % t.checkpoint_every == 0 or step == total
-            eval_now = evaluator is not None and (step % cfg.eval.every_steps == 0 or step == total)
-            if log_now or ckpt_now or eval_now or step == total:
-                if bad := nonfinite(meter.sums, {"G": G, "D": D}, ctx.mean):
-                    return diverged(ctx, step, bad, saved, G, D)
-                settle()
-            scores, publish, tags = {}, None, {}
-            if eval_now:
-                scores, publish = evaluate()  # before the checkpoint, so that it carries the best so far
-            # Scores travel in the same report as the step's checkpoint: a scheduler that acts
-            # on a score (PBT) finds the matching checkpoint with it.
-            if log_now or ckpt_now or step == total:
-                metrics = {**meter.flush(ctx, t.batch_size), "epoch": float(epoch)}
-                signs, flags = health(sampler, D, fixed_z, metrics, step)
-                metrics |= {**signs, **scores}
-                tags = {f"facegan.health.{k}": v for k, v in flags.items()}
-                if flags and ctx.rank == 0:
-                    print(f"facegan health: {' | '.join(flags.values())}", flush=True)
-                ctx.report(step, metrics, checkpoint=capture if ckpt_now else None, model=publish, tags=tags)
-                saved = step if ckpt_now else saved
-            elif scores:
-                ctx.report(step, scores, model=publish)
-            if step >= total or ctx.should_stop():
-                break
-        if batch >= reader.steps_in_epoch(epoch):
+    while epoch < t.epochs and batch >= data.steps_in_epoch(epoch):  # a checkpoint at an epoch's end
+        epoch, batch = epoch + 1, 0
+    stream = data.stream(epoch, batch, t.epochs) if step < total and not ctx.should_stop() else ()
+    for at_epoch, at_batch, host in stream:
+        if (at_epoch, at_batch) != (epoch, batch):
+            raise RuntimeError(f"batch source gave ({at_epoch}, {at_batch}), the loop is at ({epoch}, {batch})")
+        if step == 0:  # what the model is shown, as stored: lets a person check data and crop
+            real = {"samples/real.png": png_bytes(grid(host[:FIXED_SAMPLES].numpy()))} if ctx.rank == 0 else None
+            ctx.report(step, {}, artifacts=real)
+        x = host.to(ctx.device, non_blocking=True)
+        gen.manual_seed(step_seed(t.seed, ctx.rank, step))
+        meter.add(train_step(x, nets, cfg.loss, gen))
+        if ema is not None:
+            update_ema(ema, G, t.ema_decay, step)
+        step, batch = step + 1, batch + 1
+        if aug is not None and step % aug.INTERVAL == 0:
+            aug.adjust(ctx.mean, t.batch_size)
+        log_now, ckpt_now = step % t.log_every == 0, step % t.checkpoint_every == 0 or step == total
+        eval_now = evaluator is not None and (step % cfg.eval.every_steps == 0 or step == total)
+        if log_now or ckpt_now or eval_now or step == total:
+            if bad := nonfinite(meter.sums, {"G": G, "D": D}, ctx.mean):
+                return diverged(ctx, step, bad, saved, G, D)
+            settle()
+        scores, publish, tags = {}, None, {}
+        if eval_now:
+            scores, publish = evaluate()  # before the checkpoint, so that it carries the best so far
+        # Scores travel in the same report as the step's checkpoint: a scheduler that acts
+        # on a score (PBT) finds the matching checkpoint with it.
+        if log_now or ckpt_now or step == total:
+            metrics = {**meter.flush(ctx, t.batch_size), "epoch": float(epoch)}
+            signs, flags = health(sampler, D, fixed_z, metrics, step)
+            metrics |= {**signs, **scores}
+            tags = {f"facegan.health.{k}": v for k, v in flags.items()}
+            if flags and ctx.rank == 0:
+                print(f"facegan health: {' | '.join(flags.values())}", flush=True)
+            ctx.report(step, metrics, checkpoint=capture if ckpt_now else None, model=publish, tags=tags)
+            saved = step if ckpt_now else saved
+        elif scores:
+            ctx.report(step, scores, model=publish)
+        if batch >= data.steps_in_epoch(epoch):
             ctx.report(step, {}, artifacts=grid_artifact(f"epoch_{epoch + 1:03d}"))
+            epoch, batch = epoch + 1, 0  # (a checkpoint above says (epoch, end): resume moves on too)
+        if step >= total or ctx.should_stop():
+            break
     ctx.report(step, {}, artifacts=grid_artifact("final"))
     return TrainResult(step, unwrap(nets.G) if ema is None else ema, D, metrics, resumed_from, best)
 

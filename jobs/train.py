@@ -161,7 +161,7 @@ def train_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
 
-    from gan.loop import train
+    from gan.loop import open_inputs, train
     from jobs.ray_context import RayTrainContext
     from jobs.tracking import Tracker, system_metrics
 
@@ -173,7 +173,7 @@ def train_worker(loop_config: dict) -> None:
     ctx = RayTrainContext(tracker, cfg.model, cfg.eval.register_as, loop_config.get("init_checkpoint"),
                           loop_config.get("hp"))
     try:
-        result = train(cfg, ctx)
+        result = train(cfg, ctx, *open_inputs(cfg, ctx, cpus=cfg.scale.cpus_per_worker))
     finally:
         if monitor is not None:
             monitor.finish()

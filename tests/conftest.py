@@ -14,9 +14,10 @@ CELEBA_SAMPLE = ROOT.parent / "shared" / "data" / "celeba-sample"
 
 
 def write_indexed(out: Path, count: int, size: int = 64, row_group_size: int = 64,
-                  rows_per_shard: int = 256) -> Path:
-    """A shard set whose image i carries i in its first pixel, so tests can say which row is which."""
-    w = ShardWriter(out, size, rows_per_shard=rows_per_shard, row_group_size=row_group_size)
+                  rows_per_shard: int = 256, encoding: str = "raw") -> Path:
+    """A shard set whose image i carries i in its first pixel, so tests can say which row is which
+    (``encoding``: raw or a lossless one)."""
+    w = ShardWriter(out, size, encoding, rows_per_shard=rows_per_shard, row_group_size=row_group_size)
     rng = np.random.default_rng(0)
     for i in range(count):
         img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)

@@ -44,10 +44,10 @@ def _ddp_probe(config):
     import torch.distributed as dist
 
     from gan.config import from_flat
-    from gan.loop import train
+    from gan.loop import train_local
     from jobs.ray_context import RayTrainContext
 
-    result = train(from_flat(config["cfg"]), RayTrainContext(None))
+    result = train_local(from_flat(config["cfg"]), RayTrainContext(None))
     flat = torch.cat([p.detach().flatten() for p in result.generator.parameters()]
                      + [p.detach().flatten() for p in result.discriminator.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
