@@ -131,6 +131,9 @@ class RunSection:
     storage_path: str = "runs"
     experiment: str = "facegan"
     keep_checkpoints: int = 2
+    # At the end of training, how long rank 0 keeps trying an unreachable tracking server before
+    # leaving the rest in the run's spool for `python -m jobs.sync` (jobs/spool.py).
+    tracking_grace_s: float = 30.0
 
 
 @dataclass
@@ -283,6 +286,7 @@ def validate(cfg: Config) -> Config:
         (not sc.use_gpu or sc.gpus_per_worker > 0, "scale.gpus_per_worker", "must be > 0"),
         (sc.max_failures >= -1, "scale.max_failures", "must be >= -1 (-1: unlimited)"),
         (cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1"),
+        (cfg.run.tracking_grace_s >= 0, "run.tracking_grace_s", "must be >= 0 (seconds)"),
     ]
     for name in ("bf16", "channels_last", "compile", "fused_adam", "tf32"):
         value = getattr(cfg.perf, name)

@@ -30,6 +30,31 @@ def resolve_tracking_uri() -> str:
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Before anything starts: the tracking URI answers within ``timeout`` seconds, or a
+    one-line ConfigError (an unreachable server used to cost ~4 minutes of MLflow's retries
+    and a chain of tracebacks)."""
+    from gan.config import ConfigError
+
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+                r.read()
+        except urllib.error.HTTPError as e:
+            raise ConfigError(f"MLFLOW_TRACKING_URI: {uri}/health answered HTTP {e.code}; is it an mlflow server?") from None
+        except (OSError, urllib.error.URLError) as e:
+            why = getattr(e, "reason", None) or e
+            raise ConfigError(f"MLFLOW_TRACKING_URI: {uri} is not reachable within {timeout:g} s ({why}); start "
+                              f"the server (infra/local.sh) or unset MLFLOW_TRACKING_URI for ./mlflow.db") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"MLFLOW_TRACKING_URI: {folder} (the SQLite store's folder) is not writable")
+
+
 def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -130,22 +155,28 @@ def system_metrics(tracking_uri: str, run_id: str):
 
 
 class Tracker:
-    """Rank 0's writer. Steps already in the run (written before a restart) are not written
-    again, so a run resumed from an older checkpoint leaves no duplicate steps in MLflow."""
+    """Rank 0's writer. Metric steps already in the run (written before a restart, or sent
+    again after a connection broke mid-request) are not written again, so MLflow holds each
+    step of each metric once."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.uri, self.run_id = tracking_uri, run_id
         self.client = MlflowClient(tracking_uri)
         keys = self.client.get_run(run_id).data.metrics
-        self.last_step = {k: max(m.step for m in self.client.get_metric_history(run_id, k)) for k in keys}
+        self.logged = {k: {m.step for m in self.client.get_metric_history(run_id, k)} for k in keys}
+
+    @property
+    def last_step(self) -> dict[str, int]:
+        return {k: max(steps) for k, steps in self.logged.items() if steps}
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        fresh = {k: v for k, v in metrics.items() if step > self.last_step.get(k, -1)}
+        fresh = {k: v for k, v in metrics.items() if step not in self.logged.get(k, ())}
         if not fresh:
             return
         ts = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in fresh.items()])
-        self.last_step.update({k: step for k in fresh})
+        for k in fresh:
+            self.logged.setdefault(k, set()).add(step)
 
     def log_images(self, step: int, artifacts: dict[str, bytes]) -> None:
         """Sample grids as MLflow images by step: the UI shows them on a step slider beside the

@@ -14,7 +14,6 @@ directory) before any Ray resource is requested; errors are one line and exit st
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from datasets.shards import ShardError, ShardSet
 from datasets.synthetic import ensure_generated
 from gan.checkpoint import CheckpointError
 from gan.config import Config, ConfigError, flatten, from_flat, load, validate
-from gan.inception import ExtractorError
+from jobs.preflight import check_evaluation, refuse_relative_under_submit, writable
 
 
 class Diverged(RuntimeError):
@@ -52,6 +51,10 @@ def prepare(argv: list[str] | None) -> Plan:
     p.add_argument("--resume", action="store_true", help="continue run.name from its last checkpoint")
     args, rest = p.parse_known_args(argv)
     cfg = validate(load(args.config, rest))
+    from jobs.tracking import check_reachable, resolve_tracking_uri
+
+    refuse_relative_under_submit(cfg)
+    check_reachable(resolve_tracking_uri())  # in seconds, before faces are drawn or features cached
 
     # Workers have another working directory than the driver: pass them absolute paths.
     if "://" not in cfg.data.path:
@@ -90,59 +93,6 @@ def prepare(argv: list[str] | None) -> Plan:
     return Plan(cfg, name, str(storage), args.resume, check_evaluation(cfg), args.config or "")
 
 
-def writable(path: Path, key: str) -> None:
-    """Creates ``path`` and writes a file in it, now, rather than after an epoch of training."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".facegan-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"{key}: {path} is not writable ({e.strerror or e})") from None
-
-
-def check_evaluation(cfg: Config) -> dict | None:
-    """FID's extractor and held-out faces exist, and the real side is cached, before Ray starts;
-    eval.identity_audit "auto" is settled here to "on" or "off" (the run's params say which)."""
-    from gan.loop import NoHeldOut, prepare_evaluation, real_path
-
-    try:
-        if cfg.eval.audit_samples > 0:
-            real_path(cfg)
-        cfg.eval.identity_audit = identity_audit_mode(cfg)
-        return prepare_evaluation(cfg) if cfg.eval.every_steps > 0 else None
-    except (ExtractorError, NoHeldOut) as e:
-        raise ConfigError(str(e)) from None
-
-
-def identity_audit_mode(cfg: Config) -> str:
-    """"on" when the final identity audit can run: evaluation on, identities on both sides,
-    held-out people disjoint and enough of them, the face matcher installed."""
-    mode = cfg.eval.identity_audit
-    if mode == "off":
-        return "off"
-    from gan.faceid import FaceIDError, model_dir
-    from gan.identity import IdentityAuditError, check_people
-    from gan.loop import real_path
-
-    try:
-        if cfg.eval.every_steps <= 0:
-            raise IdentityAuditError("it runs with the final evaluation: set eval.every_steps > 0")
-        sides = []
-        for path in (cfg.data.path, real_path(cfg)):
-            ids = ShardSet(path).identities()
-            if ids is None:
-                raise IdentityAuditError(f"{path} has no identity column (convert CelebA with --identities)")
-            sides.append(ids)
-        check_people(*sides)
-        model_dir()
-    except (IdentityAuditError, FaceIDError) as e:
-        if mode == "on":
-            raise ConfigError(f"eval.identity_audit=on: {e}") from None
-        return "off"
-    return "on"
-
-
 def _quiet_reports() -> None:
     """Ray Train logs every report of every worker at INFO ("Reporting training result N: ..."),
     one long line per worker per log step on the driver's console, beside the progress bar that
@@ -161,15 +111,36 @@ def train_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
 
-    from gan.loop import open_inputs, train
-    from jobs.ray_context import RayTrainContext
-    from jobs.tracking import Tracker, system_metrics
+    from jobs.spool import BackgroundTracker
 
     _quiet_reports()
     cfg = from_flat(loop_config["config"])
     rank0 = ray.train.get_context().get_world_rank() == 0
-    tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank0 else None
-    monitor = system_metrics(loop_config["tracking_uri"], loop_config["run_id"]) if rank0 else None
+    # Rank 0's tracking never blocks training: a background writer, spilling to the run's spool
+    # while the server is unreachable (jobs/spool.py).
+    tracker = BackgroundTracker(loop_config["tracking_uri"], loop_config["run_id"], loop_config["spool"]) \
+        if rank0 else None
+    try:
+        _train_and_publish(cfg, loop_config, tracker)
+    finally:
+        if tracker is not None:
+            left = tracker.close(cfg.run.tracking_grace_s)
+            if left:
+                print(f"facegan: {left} tracking record(s) could not be sent to {tracker.uri}; they are kept in "
+                      f"{loop_config['spool']}: python -m jobs.sync {Path(loop_config['spool']).parent}", flush=True)
+
+
+def _train_and_publish(cfg: Config, loop_config: dict, tracker) -> None:
+    from gan.loop import open_inputs, train
+    from jobs.ray_context import RayTrainContext
+    from jobs.tracking import system_metrics
+
+    monitor = None
+    if tracker is not None:
+        try:
+            monitor = system_metrics(loop_config["tracking_uri"], loop_config["run_id"])
+        except Exception as e:  # noqa: BLE001 - a sampler that cannot start must not stop training
+            print(f"facegan: no system metrics this run ({str(e).splitlines()[0][:160]})", flush=True)
     ctx = RayTrainContext(tracker, cfg.model, cfg.eval.register_as, loop_config.get("init_checkpoint"),
                           loop_config.get("hp"))
     try:
@@ -208,12 +179,14 @@ def build_trainer(plan: Plan, tracking_uri: str, run_id: str, extra: dict | None
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from jobs.spool import SPOOL
+
     sc = plan.cfg.scale
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": flatten(plan.cfg), "tracking_uri": tracking_uri, "run_id": run_id,
-                           **(extra or {})},
+                           "spool": str(Path(plan.storage_path) / plan.run_name / SPOOL), **(extra or {})},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -232,6 +205,7 @@ def run(argv: list[str] | None = None) -> dict:
     import ray
 
     from jobs.progress import Progress
+    from jobs.spool import SPOOL, fail_fast, spool_of, spooled_tags
     from jobs.tracking import end_run, find_run, resolve_tracking_uri, start_run
 
     uri = resolve_tracking_uri()
@@ -250,17 +224,22 @@ def run(argv: list[str] | None = None) -> dict:
         client.delete_tag(run_id, "facegan.failed_reason")  # this attempt gets its own verdict
     if not plan.resume:
         describe(client, uri, run_id, plan)
+    fail_fast()  # from here on, a server that went away costs seconds, not minutes of retries
+    offline = None  # why the tracking server could not be reached after training, if it could not
     ok, reason = False, None
     try:
         with Progress(total_steps_of(plan.cfg), _last_step(client, run_id) if plan.resume else 0,
                       desc=plan.run_name) as progress:
             result = build_trainer(plan, uri, run_id, callbacks=[progress]).fit()
-        # Rank 0 tags a divergence (gan/loop.py); Ray's Result only keeps checkpointed metrics.
-        tags = client.get_run(run_id).data.tags
+        try:
+            # Rank 0 tags a divergence (gan/loop.py); Ray's Result only keeps checkpointed metrics.
+            tags = client.get_run(run_id).data.tags
+        except Exception as e:  # noqa: BLE001 - the server went away: the spool has rank 0's tags
+            offline, tags = str(e).splitlines()[0][:200], spooled_tags(run_dir)
         reason = tags.get("facegan.failed_reason")
         ok = reason is None
         best = next((k for k in tags if k.startswith("facegan.best_") and k != "facegan.best_step"), None)
-        if ok and best and "mlflow.note.content" in tags:
+        if offline is None and ok and best and "mlflow.note.content" in tags:
             client.set_tag(run_id, "mlflow.note.content", f"{tags['mlflow.note.content']} Best "
                            f"{best.split('_', 1)[1]} {tags[best]} at step {tags.get('facegan.best_step')}.")
     except (KeyboardInterrupt, SystemExit):
@@ -269,9 +248,21 @@ def run(argv: list[str] | None = None) -> dict:
         ok = "KILLED"
         raise Interrupted(plan.run_name) from None
     finally:
-        # A resume that failed before training a step leaves the run as it was (FINISHED stays).
-        unchanged = plan.resume and not ok and reason is None and _last_step(client, run_id) == before[1]
-        end_run(uri, run_id, before[0] if unchanged else ok)
+        status = "FINISHED" if ok is True else ("FAILED" if ok is False else ok)
+        try:
+            if offline is not None:
+                raise ConnectionError(offline)
+            # A resume that failed before training a step leaves the run as it was (FINISHED stays).
+            unchanged = plan.resume and not ok and reason is None and _last_step(client, run_id) == before[1]
+            end_run(uri, run_id, before[0] if unchanged else ok)
+        except Exception as e:  # noqa: BLE001 - the verdict waits in the spool for jobs.sync
+            spool_of(run_dir).write({"kind": "end", "args": status})
+            offline = offline or str(e).splitlines()[0][:200]
+    if offline is not None:
+        left = len(spool_of(run_dir).files())
+        print(f"facegan: the tracking server {uri} is unreachable ({offline}); {left} record(s) of run {run_id}, "
+              f"its {status} status included, wait in {run_dir}/{SPOOL}: send them with "
+              f"python -m jobs.sync {run_dir}", file=sys.stderr)
     if reason is not None:
         raise Diverged(reason)
     return {"run_id": run_id, "tracking_uri": uri, "run_dir": run_dir, "result": result}

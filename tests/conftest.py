@@ -35,6 +35,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_http(url: str, timeout: float = 120) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def start_mlflow_server(store: Path, port: int):
+    """A real `mlflow server` on 127.0.0.1:port over a SQLite store and artifact folder in
+    ``store``, in its own process group (stop it with os.killpg); returns once it answers."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{store / 'server.db'}",
+         "--artifacts-destination", str(store / "server-artifacts")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+    except TimeoutError:
+        os.killpg(proc.pid, 9)
+        raise
+    return proc
+
+
 def ids_of(batch: np.ndarray) -> list[int]:
     p = batch[:, 0, 0, :3].astype(np.int64)
     return list((p[:, 0] << 16) | (p[:, 1] << 8) | p[:, 2])

@@ -1,3 +1,5 @@
+import json
+import os
 import subprocess
 import sys
 
@@ -55,9 +57,40 @@ def test_validation_errors(overrides, needle):
         validate(load(ROOT / "configs" / "smoke.toml", overrides))
 
 
-def _train_cli(tmp_path, *args):
+def _train_cli(tmp_path, *args, env=None):
     return subprocess.run([sys.executable, "-m", "jobs.train", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("args, tracking, needle", [
+    ([], "http://127.0.0.1:5000", "run.storage_path: 'runs' is relative"),
+    (["--run.storage_path=/shared/runs"], "http://127.0.0.1:5000", "data.path: 'data/generated64/train' is relative"),
+    (["--run.storage_path=/shared/runs", "--data.path=/shared/faces/train"], "", "MLFLOW_TRACKING_URI: unset"),
+    (["--run.storage_path=/shared/runs", "--data.path=/shared/faces/train"], "sqlite:///mlflow.db", "is relative"),
+])
+def test_relative_locations_are_refused_under_ray_job_submit(tmp_path, args, tracking, needle):
+    """Ray runs a submitted driver in a temporary copy of --working-dir (and says so in this
+    variable): relative locations would be lost with it."""
+    job = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}})
+    env = {**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": job, "MLFLOW_TRACKING_URI": tracking}
+    proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"), *args, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    assert "ray job submit" in lines[0] and not (tmp_path / "runs").exists()
+
+
+def test_unreachable_tracking_server_is_one_line_in_seconds(tmp_path):
+    """Nothing listens at the tracking URI: exit 2 with one line, before any face is drawn
+    (MLflow's own retries used to take ~4 minutes and end in chained tracebacks)."""
+    from tests.conftest import _free_port
+
+    uri = f"http://127.0.0.1:{_free_port()}"
+    proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"),
+                      env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: MLFLOW_TRACKING_URI: {uri} is not reachable within 5 s")
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("args, needle", [

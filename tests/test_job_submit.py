@@ -5,40 +5,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, _free_port, child_runs
-
-
-def _wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
+from tests.conftest import ROOT, _free_port, child_runs, start_mlflow_server, wait_http
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health")
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(proc.pid, 15)
@@ -55,7 +33,7 @@ def ray_head():
                     "--include-dashboard=true", "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=180)
     try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version")
+        wait_http(f"http://127.0.0.1:{dash}/api/version")
         yield f"http://127.0.0.1:{dash}", env
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -1,0 +1,91 @@
+"""Checks that run before any Ray resource is requested (jobs.train's and jobs.tune's
+``prepare``): each failure is a one-line ConfigError, exit 2."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from datasets.shards import ShardSet
+from gan.config import Config, ConfigError
+from gan.inception import ExtractorError
+
+
+def submitted_with_working_dir() -> bool:
+    """Under `ray job submit --working-dir`, the driver runs in Ray's temporary copy of that
+    directory (Ray hands the job's runtime_env to the driver in this variable)."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return False
+    return bool((job.get("runtime_env") or {}).get("working_dir"))
+
+
+def refuse_relative_under_submit(cfg: Config) -> None:
+    """Relative locations would resolve inside Ray's temporary copy of the working directory
+    and be lost with it: refused, saying what to pass, rather than silently resolved."""
+    if not submitted_with_working_dir():
+        return
+    where = "Ray's temporary copy of `ray job submit --working-dir`, lost when the job ends"
+    for key, value in (("run.storage_path", cfg.run.storage_path), ("data.path", cfg.data.path)):
+        if "://" not in value and not Path(value).is_absolute():
+            raise ConfigError(f"{key}: {value!r} is relative, so it would be in {where}; "
+                              f"pass --{key}=<an absolute path every node sees>")
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri or (uri.startswith("sqlite:///") and not uri.startswith("sqlite:////")):
+        raise ConfigError(f"MLFLOW_TRACKING_URI: {'unset, so ./mlflow.db' if not uri else uri + ' is relative and'} "
+                          f"would be in {where}; set it in the job's runtime env to an mlflow server "
+                          f"(http://host:5000) or sqlite:////absolute/path.db")
+
+
+def writable(path: Path, key: str) -> None:
+    """Creates ``path`` and writes a file in it, now, rather than after an epoch of training."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".facegan-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{key}: {path} is not writable ({e.strerror or e})") from None
+
+
+def check_evaluation(cfg: Config) -> dict | None:
+    """FID's extractor and held-out faces exist, and the real side is cached, before Ray starts;
+    eval.identity_audit "auto" is settled here to "on" or "off" (the run's params say which)."""
+    from gan.loop import NoHeldOut, prepare_evaluation, real_path
+
+    try:
+        if cfg.eval.audit_samples > 0:
+            real_path(cfg)
+        cfg.eval.identity_audit = identity_audit_mode(cfg)
+        return prepare_evaluation(cfg) if cfg.eval.every_steps > 0 else None
+    except (ExtractorError, NoHeldOut) as e:
+        raise ConfigError(str(e)) from None
+
+
+def identity_audit_mode(cfg: Config) -> str:
+    """"on" when the final identity audit can run: evaluation on, identities on both sides,
+    held-out people disjoint and enough of them, the face matcher installed."""
+    mode = cfg.eval.identity_audit
+    if mode == "off":
+        return "off"
+    from gan.faceid import FaceIDError, model_dir
+    from gan.identity import IdentityAuditError, check_people
+    from gan.loop import real_path
+
+    try:
+        if cfg.eval.every_steps <= 0:
+            raise IdentityAuditError("it runs with the final evaluation: set eval.every_steps > 0")
+        sides = []
+        for path in (cfg.data.path, real_path(cfg)):
+            ids = ShardSet(path).identities()
+            if ids is None:
+                raise IdentityAuditError(f"{path} has no identity column (convert CelebA with --identities)")
+            sides.append(ids)
+        check_people(*sides)
+        model_dir()
+    except (IdentityAuditError, FaceIDError) as e:
+        if mode == "on":
+            raise ConfigError(f"eval.identity_audit=on: {e}") from None
+        return "off"
+    return "on"
