@@ -18,8 +18,8 @@ and writes a strip of 16 samples per variant to ``--out`` (PNG).
 A variant is a name from VARIANTS, a preset (``configs/faces64.toml``, or ``faces64`` for
 ``configs/faces64.toml``: its recipe, the [loss], [optim] and [model] fields but size and width,
 and train.batch_size / train.ema_decay, on the protocol), or ``base+name:section.field=value;...``
-for an ad-hoc one (on top of the variant ``base`` when it is one, e.g.
-``ttur+sn2:model.d_norm=spectral``).
+for an ad-hoc one (on top of the longest leading ``+``-part of its name that is a variant, e.g.
+``ttur+sn2:model.d_norm=spectral`` on ``ttur``, ``ttur+ada+bs16:train.batch_size=16`` on ``ttur+ada``).
 """
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     pairs = [p.split("=", 1) for p in body.split(";") if p]
     if any(len(p) != 2 for p in pairs):
         raise ConfigError(f"--variants: {spec!r}: expected name:section.field=value;...")
-    base = VARIANTS.get(name.split("+")[0], {})
+    parts = name.split("+")  # on top of the longest leading part that is a variant: ttur+ada+bs16 -> ttur+ada
+    base = next((VARIANTS[b] for b in ("+".join(parts[:i]) for i in range(len(parts), 0, -1)) if b in VARIANTS), {})
     return name, {**base, **dict(pairs)}
 
 

@@ -22,7 +22,8 @@ case "${1:-}" in
     echo "Ray jobs:  http://127.0.0.1:8265   MLflow: http://127.0.0.1:$MLFLOW_PORT"
     echo "submit:    ray job submit --address http://127.0.0.1:8265 --working-dir . \\"
     echo "             --runtime-env-json '{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"http://127.0.0.1:$MLFLOW_PORT\"}}' \\"
-    echo "             -- python -m jobs.train --config configs/smoke.toml"
+    echo "             -- python -m jobs.train --config configs/smoke.toml \\"
+    echo "             --run.storage_path=$PWD/runs --data.path=$PWD/data/generated64/train"
     ;;
   stop)
     ray stop

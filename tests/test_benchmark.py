@@ -57,6 +57,15 @@ def test_quality_variant_from_a_preset_takes_its_recipe_not_its_protocol(tmp_pat
                       "train.batch_size": 32}
 
 
+def test_ad_hoc_variant_builds_on_the_longest_named_variant():
+    from benchmarks.quality import VARIANTS, parse_variant
+
+    assert parse_variant("ttur+ada+bs16:train.batch_size=16") == (
+        "ttur+ada+bs16", {**VARIANTS["ttur+ada"], "train.batch_size": "16"})
+    assert parse_variant("ttur+x:loss.kind=hinge")[1] == {**VARIANTS["ttur"], "loss.kind": "hinge"}
+    assert parse_variant("mine:loss.kind=hinge")[1] == {"loss.kind": "hinge"}
+
+
 def test_loop_benchmark_times_the_real_loop_beside_the_step(faces64):
     """The real loop on shards, fed by 2 loader processes, and the step alone: one JSON line."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.loop", "--size", "64", "--width", "0.0625",
