@@ -7,8 +7,9 @@ a request). While the server is unreachable the writer keeps the oldest record a
 back-off; records past a bounded memory buffer (``MEMORY``) are spilled, in order, to the run's
 spool directory (``<run dir>/tracking_spool``, one file per record, written under a temporary
 name and renamed). When the server returns, everything is sent in order. At the end of training
-the writer gets ``grace`` seconds to finish; what is still unsent stays in the spool and
-``python -m jobs.sync <run dir>`` sends it later. Metric steps already in the run are skipped
+the writer finishes what it is sending and gives a server that is still unreachable ``grace``
+more seconds; what is unsent then stays in the spool and ``python -m jobs.sync <run dir>``
+sends it later. Metric steps already in the run are skipped
 (Tracker), so a record sent twice duplicates nothing.
 """
 from __future__ import annotations
@@ -118,8 +119,7 @@ class BackgroundTracker:
         self.memory: deque[tuple[str, dict]] = deque()
         self.limit, self.spilling = memory, False
         self.lock, self.wake = threading.Lock(), threading.Event()
-        self.stopping, self.idle = False, threading.Event()
-        self.sent = self.dropped = 0
+        self.stopping = False
         self.outage_since: float | None = None
         self._tracker = None
         self.thread = threading.Thread(target=self._run, name="mlflow-writer", daemon=True)
@@ -155,7 +155,6 @@ class BackgroundTracker:
                 self.spool.write(record, key)
             else:
                 self.memory.append((key, record))
-            self.idle.clear()
         self.wake.set()
 
     # -- the writer thread --
@@ -181,7 +180,6 @@ class BackgroundTracker:
         while True:
             item = self._next()
             if item is None:
-                self.idle.set()
                 if self.stopping:
                     return
                 self.wake.wait(1.0)
@@ -197,7 +195,6 @@ class BackgroundTracker:
             except Exception as e:  # noqa: BLE001 - the writer must outlive any failure
                 if permanent(e):
                     print(f"facegan: tracking refused a {record['kind']} record, dropped: {str(e)[:200]}", flush=True)
-                    self.dropped += 1
                     self._done(path)
                     continue
                 # The request may have landed before the connection broke: a fresh Tracker
@@ -217,7 +214,6 @@ class BackgroundTracker:
                       f"sending what was kept", flush=True)
                 self.outage_since = None
             backoff = 0.5
-            self.sent += 1
             self._done(path)
 
     def close(self, grace: float = 30.0) -> int:
