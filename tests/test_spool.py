@@ -49,6 +49,7 @@ def test_unreachable_server_never_blocks_and_sync_delivers_everything_once(mlflo
     assert run.data.tags["facegan.final_step"] == "12" and run.data.tags["facegan.generator_step"] == "12"
     import mlflow
 
+    mlflow.set_tracking_uri(mlflow_store)  # runs:/ resolves through the global URI, which other tests set
     G = mlflow.pytorch.load_model(f"runs:/{run_id}/generator")  # the spooled weights, as logged
     z = torch.rand(2, 100) * 2 - 1
     with torch.no_grad():

@@ -68,6 +68,7 @@ def _assert_complete(uri: str, run_id: str):
     images = {a.path.split("/")[-1].split("+timestamp")[0] for a in client.list_artifacts(run_id, "images")}
     assert {"real+step+0", f"samples+step+{STEPS}"} <= images, images
     assert {a.path for a in client.list_artifacts(run_id, "samples")} >= {"samples/final.png", "samples/real.png"}
+    mlflow.set_tracking_uri(uri)  # runs:/ resolves through the global URI, which other tests set
     G = mlflow.pytorch.load_model(f"runs:/{run_id}/generator")
     assert run.data.tags["facegan.generator_step"] == str(STEPS)
     assert torch.isfinite(G(torch.zeros(1, 100))).all()
