@@ -256,7 +256,9 @@ def run(argv: list[str] | None = None) -> dict:
             unchanged = plan.resume and not ok and reason is None and _last_step(client, run_id) == before[1]
             end_run(uri, run_id, before[0] if unchanged else ok)
         except Exception as e:  # noqa: BLE001 - the verdict waits in the spool for jobs.sync
-            spool_of(run_dir).write({"kind": "end", "args": status})
+            spool = spool_of(run_dir)
+            spool.claim(uri, run_id)  # whether or not rank 0 got as far as spooling anything
+            spool.write({"kind": "end", "args": status})
             offline = offline or str(e).splitlines()[0][:200]
     if offline is not None:
         left = len(spool_of(run_dir).files())
