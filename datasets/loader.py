@@ -22,13 +22,17 @@ from __future__ import annotations
 
 import math
 import os
+import queue
+import threading
 from functools import lru_cache
-from typing import Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datasets.shards import ShardError, ShardReader, ShardSet, prefetch
+from datasets.shards import ShardError, ShardReader, ShardSet
+
+T = TypeVar("T")
 
 MAX_AUTO_WORKERS = 8
 
@@ -118,3 +122,40 @@ class BatchSource:
             items = enumerate(self.reader.iter_epoch(e, start), start)
             for b, x in prefetch(items, self.prefetch, to_tensor):
                 yield e, b, x
+
+
+def prefetch(iterable: Iterable[T], depth: int, fn: Callable[[T], Any] = lambda x: x) -> Iterator[Any]:
+    """Runs ``iterable`` (and ``fn`` on each item) ``depth`` items ahead in a thread, so that
+    reading and decoding overlap the training step. Order is kept; errors are re-raised here."""
+    if depth <= 0:
+        yield from map(fn, iterable)
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def run():
+        try:
+            for item in iterable:
+                out = fn(item)
+                while not stop.is_set():
+                    try:
+                        q.put(out, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=run, daemon=True, name="prefetch")
+    t.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -20,9 +20,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-import queue
-import threading
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +28,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-T = TypeVar("T")
 FORMAT = "facegan-shards/1"
 MANIFEST = "manifest.json"
 ENCODINGS = ("raw", "jpeg", "png", "webp")
@@ -381,40 +378,3 @@ class ShardReader:
                 yield pending[:bs]
                 pending = pending[bs:]
                 emitted += 1
-
-
-def prefetch(iterable: Iterable[T], depth: int, fn: Callable[[T], Any] = lambda x: x) -> Iterator[Any]:
-    """Runs ``iterable`` (and ``fn`` on each item) ``depth`` items ahead in a thread, so that
-    reading and decoding overlap the training step. Order is kept; errors are re-raised here."""
-    if depth <= 0:
-        yield from map(fn, iterable)
-        return
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def run():
-        try:
-            for item in iterable:
-                out = fn(item)
-                while not stop.is_set():
-                    try:
-                        q.put(out, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as e:  # handed to the consumer
-            q.put(e)
-
-    t = threading.Thread(target=run, daemon=True, name="prefetch")
-    t.start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
