@@ -76,5 +76,6 @@ def test_loop_benchmark_times_the_real_loop_beside_the_step(faces64):
     (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
     assert row["loader_workers"] == 2 and row["timed_steps"] == 8
     assert row["loop_img_per_s"] > 0 and row["step_img_per_s"] > 0
-    assert row["loop_over_step"] == pytest.approx(row["loop_img_per_s"] / row["step_img_per_s"], abs=2e-3)
-    assert row["seed_run_min"] == pytest.approx(60 * 162_770 / row["loop_img_per_s"] / 60, rel=1e-3)
+    # Within the rounding of the printed img/s (0.1), which is a percent at a loaded CPU's ~10 img/s.
+    assert row["loop_over_step"] == pytest.approx(row["loop_img_per_s"] / row["step_img_per_s"], rel=0.01)
+    assert row["seed_run_min"] == pytest.approx(60 * 162_770 / row["loop_img_per_s"] / 60, rel=0.01)
