@@ -1,34 +1,40 @@
 #!/usr/bin/env bash
 # Every speed figure on a bare GPU box (torch, pyarrow, pillow; no Ray, no MLflow), written
-# under benchmarks/results/ with the device's name, ready to commit. About 8 minutes on an H100.
+# under benchmarks/results/ (or $RESULTS) with the device's name, ready to commit. About 8
+# minutes on an H100; each part has its own time limit, so a slow or failing part costs only
+# its own figures, and the most wanted figures come first.
 #   mkdir -p data/celeba-sample && cp ../shared/data/celeba-sample/{img_align_celeba.zip,list_eval_partition.txt} data/celeba-sample/
 #   then, on the GPU box (the device tool: carry data/celeba-sample):
 #   bash benchmarks/gpu.sh            # then: git add benchmarks/results/
 # QUALITY=1 also runs the GPU quality protocol (issue 16: ~2 x 3 runs, longer).
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
+results=${RESULTS:-benchmarks/results}
+mkdir -p "$results"
 name=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-').lower())")
-out=benchmarks/results/${name}-128px
-run() {  # run NAME CMD...: stdout to NAME.jsonl, whole or not at all
-  local file=$1; shift
-  "$@" | tee "${file}.tmp"
-  mv "${file}.tmp" "${file}"
+out=${results}/${name}-128px
+run() {  # run SECONDS FILE CMD...: stdout to FILE, whole (FILE) or as far as it got (FILE.partial)
+  local limit=$1 file=$2; shift 2
+  if timeout "$limit" "$@" | tee "${file}.partial"; then mv "${file}.partial" "${file}"
+  else echo "gpu.sh: $* failed or passed ${limit}s; what it printed is in ${file}.partial" >&2; fi
 }
+# Is the CUDA-graphed step the eager one (perf.cuda_graphs)? Then where the step's time goes.
+run 120 "${out}-graphs.jsonl" python -m benchmarks.graph_check --size 128
 # The step: the fair eager reference, the project's step with each switch, all switches.
-run "${out}.jsonl" python -m benchmarks.train_step --size 128 --batch 64 --device cuda
-run "${out}-b128.jsonl" python -m benchmarks.train_step --size 128 --batch 128 --device cuda \
-    --variants eager_fp32_reference,project+all
+run 200 "${out}.jsonl" python -m benchmarks.train_step --size 128 --batch 64 --device cuda
 # The real loop on real JPEG shards (converts the sample into data/celeba128 on first use):
 # loader processes (auto) and, to compare, decoding in the training process.
-{
-  python -m benchmarks.loop --size 128 --device cuda --steps 600
-  python -m benchmarks.loop --size 128 --device cuda --steps 600 --loader-workers 0
-} | tee "${out}-loop.jsonl.tmp"
-mv "${out}-loop.jsonl.tmp" "${out}-loop.jsonl"
+timeout 150 python -c "from benchmarks.quality import ensure_data; ensure_data(None, 128)" >/dev/null \
+    || echo "gpu.sh: converting the CelebA sample failed or passed 150s" >&2
+run 120 "${out}-loop.jsonl" python -m benchmarks.loop --size 128 --device cuda --steps 600
+run 60 "${out}-profile.jsonl" python -m benchmarks.profile_step --size 128 --batch 64
+run 80 "${out}-loop-inprocess.jsonl" python -m benchmarks.loop --size 128 --device cuda --steps 600 --loader-workers 0
+run 80 "${out}-b128.jsonl" python -m benchmarks.train_step --size 128 --batch 128 --device cuda \
+    --variants eager_fp32_reference,project+all-graphs,project+all
 src=data/celeba-sample/img_align_celeba.zip
-run "${out}-data.jsonl" python -m benchmarks.data --size 128 $([ -f "$src" ] && echo "--src $src")
+run 60 "${out}-data.jsonl" python -m benchmarks.data --size 128 $([ -f "$src" ] && echo "--src $src")
 if [ "${QUALITY:-0}" = 1 ]; then
-  run "benchmarks/results/quality-${name}.jsonl" python -m benchmarks.quality --size 128 --width 1 \
+  run 3000 "${results}/quality-${name}.jsonl" python -m benchmarks.quality --size 128 --width 1 \
       --device cuda --data data/celeba128 --variants seed,ttur,faces128 --seeds 2 \
-      --out "benchmarks/results/quality-${name}"
+      --out "${results}/quality-${name}"
 fi

@@ -40,7 +40,7 @@ def loop_config(a, data: str, storage: str) -> Config:
                 "data.verify_checksums": False, "data.loader_workers": a.loader_workers,
                 "train.batch_size": a.batch, "train.epochs": 10**6, "train.max_steps": a.warmup + a.steps,
                 "train.log_every": a.window, "train.checkpoint_every": 10**9, "eval.every_steps": 0,
-                "scale.num_workers": 1, "run.storage_path": storage})
+                "scale.num_workers": 1, "run.storage_path": storage, "perf.cuda_graphs": a.cuda_graphs})
     return validate(cfg)
 
 
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=50, help="steps before timing (compile, workers starting)")
     p.add_argument("--window", type=int, default=0, help="log window in steps (default: steps / 6)")
     p.add_argument("--loader-workers", type=int, default=-1, help="data.loader_workers (-1: auto)")
+    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"), help="perf.cuda_graphs")
     p.add_argument("--data", help="a shard root with train/ (default: the converted CelebA sample)")
     a = p.parse_args(argv)
     a.window = a.window or max(1, a.steps // 6)

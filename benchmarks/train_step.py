@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import platform
 import resource
@@ -32,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from gan import perf
 from gan.config import LossConfig, ModelConfig
+from gan.graphs import GraphedStep
 from gan.models import build
 from gan.step import Nets, train_step
 
@@ -115,6 +117,7 @@ class ProjectStep:
         torch.manual_seed(seed)
         G, D = (m.to(device) for m in build(cfg))
         on = {name: False for name in perf.SWITCHES} | (switches or {})
+        on["cuda_graphs"] = on["cuda_graphs"] and device.type == "cuda"
         self.tf32 = (True, True) if on["tf32"] else DEFAULT_TF32
         with tf32_flags(*DEFAULT_TF32):  # set_layout sets them globally; __call__ applies them per variant
             perf.set_layout(G, D, on)
@@ -122,17 +125,20 @@ class ProjectStep:
         perf.compile_models(G, D, on)
         self.nets = Nets(G, D, D, opt_g, opt_d, cfg.z_dim, perf.autocast_factory(on, device))
         self.gen = torch.Generator(device=device)
-        self.device, self.step, self.loss_cfg = device, 0, LossConfig()
+        self.device, self.step = device, 0
+        self.run = functools.partial(train_step, nets=self.nets, cfg=LossConfig(), gen=self.gen)
+        if on["cuda_graphs"]:
+            self.run = GraphedStep(self.run, self.nets, self.gen)
 
-    def __call__(self, images_u8: torch.Tensor) -> None:
+    def __call__(self, images_u8: torch.Tensor) -> dict:
         self.gen.manual_seed(self.step)
         self.step += 1
-        train_step(images_u8.to(self.device, non_blocking=True), self.nets, self.loss_cfg, self.gen)
+        return self.run(images_u8.to(self.device, non_blocking=True))
 
 
 def _project(**switches):
-    def make(cfg, device, count_flops=False):  # counted uncompiled: FlopCounterMode sees eager ops
-        on = switches | ({"compile": False} if count_flops else {})
+    def make(cfg, device, count_flops=False):  # counted eager: FlopCounterMode sees eager ops
+        on = switches | ({"compile": False, "cuda_graphs": False} if count_flops else {})
         return ProjectStep(cfg, device, switches=on)
     return make
 
@@ -141,6 +147,8 @@ def _project(**switches):
 VARIANTS = {"eager_fp32_reference": ReferenceStep, "project_step": _project()}
 VARIANTS |= {f"project+{name}": _project(**{name: True}) for name in perf.SWITCHES}
 VARIANTS["project+all"] = _project(**{name: True for name in perf.SWITCHES})
+# Every switch but the graph: the step as it was before perf.cuda_graphs, to compare with it.
+VARIANTS["project+all-graphs"] = _project(**{name: name != "cuda_graphs" for name in perf.SWITCHES})
 CPU_DEFAULT = ["eager_fp32_reference", "project_step", "project+channels_last", "project+bf16"]
 
 
@@ -212,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             "peak_mem_mb": round(mem[n], 1),
             "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
             "steps_per_round": a.steps,
+            # whether the graph was really replayed (a failed capture runs eagerly and says why)
+            "cuda_graph": getattr(getattr(steps[n], "run", None), "graph", None) is not None,
+            "graph_error": getattr(getattr(steps[n], "run", None), "error", ""),
             "seed_run_h": round(SEED_RUN_IMAGES / ips / 3600, 2),
         }), flush=True)
     return 0

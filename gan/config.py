@@ -113,6 +113,7 @@ class PerfConfig:
     compile: str = "auto"
     fused_adam: str = "auto"
     tf32: str = "auto"
+    cuda_graphs: str = "auto"  # auto: on for one CUDA process without diffaug (gan/graphs.py)
     prefetch: int = 4  # batches decoded ahead of the step (0: none ahead, with data.loader_workers = 0)
 
 
@@ -288,10 +289,15 @@ def validate(cfg: Config) -> Config:
         (cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1"),
         (cfg.run.tracking_grace_s >= 0, "run.tracking_grace_s", "must be >= 0 (seconds)"),
     ]
-    for name in ("bf16", "channels_last", "compile", "fused_adam", "tf32"):
+    for name in ("bf16", "channels_last", "compile", "fused_adam", "tf32", "cuda_graphs"):
         value = getattr(cfg.perf, name)
         checks.append((value in ("auto", "on", "off"), f"perf.{name}", f"must be auto, on or off, got {value!r}"))
     checks.append((cfg.perf.prefetch >= 0, "perf.prefetch", "must be >= 0"))
+    if cfg.perf.cuda_graphs == "on":  # what gan/graphs.resolve would refuse on the workers
+        checks += [(sc.use_gpu, "perf.cuda_graphs", "on needs scale.use_gpu=true (CUDA); use auto or off"),
+                   (sc.num_workers == 1, "perf.cuda_graphs", "on is not supported with DDP (scale.num_workers > 1) "
+                                                           "yet; use auto or off"),
+                   (not lo.diffaug, "perf.cuda_graphs", "on is not supported with loss.diffaug; use auto or off")]
     e = cfg.eval
     checks += [
         (e.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: off)"),

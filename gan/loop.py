@@ -6,6 +6,7 @@ It is handed what it consumes, a batch source (datasets/loader.py) and an evalua
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from gan.config import Config, flatten
 from gan.checkpoint import FORMAT_VERSION
 from gan.context import Context, unwrap
 from gan.evaluate import Evaluator, build_extractor, iter_rows
+from gan.graphs import GraphedStep
 from gan.health import PROBE, Health, nonfinite
 from gan.images import grid, png_bytes, sample_grid_png
 from gan.models import build, sample_z
@@ -169,7 +171,7 @@ def train(cfg: Config, ctx: Context, data: BatchSource, evaluator: Evaluator | N
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     G, D = build(cfg.model)
     G, D = G.to(ctx.device), D.to(ctx.device)
-    on = perf.resolve(cfg.perf, ctx.device)
+    on = perf.resolve(cfg.perf, ctx.device, ctx.world_size, bool(cfg.loss.diffaug))
     perf.set_layout(G, D, on)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     opt_g = perf.adam(G.parameters(), cfg.optim.lr_g, betas, on)
@@ -220,6 +222,9 @@ def train(cfg: Config, ctx: Context, data: BatchSource, evaluator: Evaluator | N
                 lc.kind, aug)
     fixed_z = sample_z(FIXED_SAMPLES, cfg.model.z_dim, torch.Generator().manual_seed(t.seed)).to(ctx.device)
     gen = torch.Generator(device=ctx.device)
+    run_step = functools.partial(train_step, nets=nets, cfg=cfg.loss, gen=gen)
+    if on["cuda_graphs"]:  # captured at the first step, after any resume (gan/graphs.py)
+        run_step = GraphedStep(run_step, nets, gen)
     meter, metrics = _Meter(), {}
     health = make_health(cfg, data.shards, ctx)
 
@@ -252,7 +257,7 @@ def train(cfg: Config, ctx: Context, data: BatchSource, evaluator: Evaluator | N
             ctx.report(step, {}, artifacts=real)
         x = host.to(ctx.device, non_blocking=True)
         gen.manual_seed(step_seed(t.seed, ctx.rank, step))
-        meter.add(train_step(x, nets, cfg.loss, gen))
+        meter.add(run_step(x))
         if ema is not None:
             update_ema(ema, G, t.ema_decay, step)
         step, batch = step + 1, batch + 1

@@ -51,7 +51,7 @@ def test_switch_matches_eager(baseline, faces64, tmp_path, switch, first_tol, to
 
 
 def test_all_on_still_learns_like_eager(baseline, faces64, tmp_path):
-    got = _losses(faces64, tmp_path, **{s: "on" for s in SWITCHES if s != "compile"})
+    got = _losses(faces64, tmp_path, **{s: "on" for s in SWITCHES if s not in ("compile", "cuda_graphs")})
     assert _worst(got, baseline) <= 0.05
 
 
