@@ -8,7 +8,8 @@ off elsewhere: the fastest safe default on a GPU, and no surprises on a laptop),
 - ``fused_adam``: one fused kernel for each Adam update instead of a loop of small ones.
 - ``tf32``: TF32 for any fp32 matmul/conv that remains.
 - ``cuda_graphs``: the whole step replayed from one CUDA graph (gan/graphs.py); auto is on for
-  a single CUDA process without diffaug, ``on`` where it cannot be is a one-line error.
+  a single CUDA process without diffaug, ``on`` where it cannot be is a one-line error. The
+  default is off, not auto, until benchmarks/graph_check.py has passed on a GPU.
 """
 from __future__ import annotations
 
