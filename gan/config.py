@@ -126,6 +126,9 @@ class ScaleConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     max_failures: int = 0  # worker-group restarts from the last checkpoint
+    # Custom Ray resources each worker needs, "name=amount[,name=amount]": pins the workers to
+    # the nodes started with them (`ray start --resources='{"trainer": 8}'`).
+    worker_resources: str = ""
 
 
 @dataclass
@@ -247,6 +250,25 @@ def from_flat(values: dict[str, Any]) -> Config:
     return apply(Config(), values)
 
 
+def worker_resources(text: str) -> dict[str, float]:
+    """``scale.worker_resources`` as Ray's resources dict (validated by :func:`validate`)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, amount = part.partition("=")
+        out[name.strip()] = float(amount)
+    return out
+
+
+def _resources_ok(text: str) -> bool:
+    try:
+        res = worker_resources(text)
+    except ValueError:
+        return False
+    parts = [p for p in text.split(",") if p.strip()]
+    return len(res) == len(parts) and all(
+        k and k not in ("CPU", "GPU") and math.isfinite(v) and v > 0 for k, v in res.items())
+
+
 def validate(cfg: Config) -> Config:
     """Checks what types cannot: ranges and the relations between fields."""
     m, t, lo, op, sc = cfg.model, cfg.train, cfg.loss, cfg.optim, cfg.scale
@@ -288,6 +310,9 @@ def validate(cfg: Config) -> Config:
         (sc.cpus_per_worker > 0, "scale.cpus_per_worker", "must be > 0"),
         (not sc.use_gpu or sc.gpus_per_worker > 0, "scale.gpus_per_worker", "must be > 0"),
         (sc.max_failures >= -1, "scale.max_failures", "must be >= -1 (-1: unlimited)"),
+        (_resources_ok(sc.worker_resources), "scale.worker_resources",
+         f"must be name=amount[,name=amount] with amounts > 0 and names other than CPU/GPU, "
+         f"got {sc.worker_resources!r}"),
         (cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1"),
         (cfg.run.tracking_grace_s >= 0, "run.tracking_grace_s", "must be >= 0 (seconds)"),
     ]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -28,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gan import cache
 
 from datasets.shards import ShardSet
 from gan.inception import PROTOCOL, ExtractorError, InceptionFID
@@ -115,15 +116,15 @@ def features_of_rows(shards: ShardSet, n: int, extractor: nn.Module, device, bat
                      cache_dir: str | Path | None = None, progress=None) -> torch.Tensor:
     """Features of the first ``n`` faces of ``shards`` (cached in ``cache_dir`` when given)."""
     n = min(n, shards.count)
-    path = None
+    name = None
     if cache_dir is not None:
         import torchmetrics
 
         key = hashlib.sha256(json.dumps([manifest_digest(shards), extractor_key(extractor), n,
                                          torch.__version__, torchmetrics.__version__]).encode()).hexdigest()[:24]
-        path = Path(cache_dir) / f"features-{key}.pt"
-        if path.is_file():
-            return torch.load(path, weights_only=True)
+        name = f"features-{key}.pt"
+        if (cached := cache.load_tensor(cache_dir, name)) is not None:
+            return cached
     feats = []
     for block in iter_rows(shards, n):
         x = torch.from_numpy(np.ascontiguousarray(block)).permute(0, 3, 1, 2)
@@ -132,11 +133,8 @@ def features_of_rows(shards: ShardSet, n: int, extractor: nn.Module, device, bat
             if progress is not None:
                 progress(len(part))
     out = torch.cat(feats)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # complete or absent
-        torch.save(out, tmp)
-        os.replace(tmp, path)
+    if name is not None:
+        cache.save_tensor(cache_dir, name, out)  # complete or absent, local or object storage
     return out
 
 

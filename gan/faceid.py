@@ -104,16 +104,13 @@ def embed_shards(shards, matcher: DlibFaceID, cache_dir: str | Path | None = Non
     """Every face of a shard set, in stored order (cached when ``cache_dir`` is given)."""
     from gan.evaluate import manifest_digest
 
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"faceid-{matcher.key}-{manifest_digest(shards)}.npy"
-        if path.is_file():
-            return np.load(path)
+    from gan import cache
+
+    name = f"faceid-{matcher.key}-{manifest_digest(shards)}.npy" if cache_dir is not None else None
+    if name is not None and (cached := cache.load_array(cache_dir, name)) is not None:
+        return cached
     faces = np.concatenate([shards.read(rg) for rg in shards.row_groups])
     vecs = matcher.embed(faces)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, vecs)
-        os.replace(tmp, path)  # a reader never sees half a cache file
+    if name is not None:
+        cache.save_array(cache_dir, name, vecs)  # a reader never sees half a cache file
     return vecs

@@ -6,7 +6,9 @@ import json
 import os
 from pathlib import Path
 
-from datasets.shards import ShardSet
+import pyarrow.fs as pafs
+
+from datasets.shards import ShardSet, open_fs, write_bytes
 from gan.config import Config, ConfigError
 from gan.inception import ExtractorError
 
@@ -38,15 +40,48 @@ def refuse_relative_under_submit(cfg: Config) -> None:
                           f"(http://host:5000) or sqlite:////absolute/path.db")
 
 
-def writable(path: Path, key: str) -> None:
-    """Creates ``path`` and writes a file in it, now, rather than after an epoch of training."""
+def writable(path: str | Path, key: str) -> None:
+    """Creates ``path`` and writes a file in it, now, rather than after an epoch of training;
+    on object storage (``s3://...``), puts and deletes a probe object."""
     try:
+        if "://" in str(path):
+            fs, root = open_fs(path)
+            probe = f"{root}/.facegan-write-test-{os.getpid()}"
+            write_bytes(fs, probe, b"")
+            fs.delete_file(probe)
+            return
+        path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".facegan-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"{key}: {path} is not writable ({e.strerror or e})") from None
+    except OSError as e:  # pyarrow's filesystem errors are OSErrors too
+        why = e.strerror or str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key}: {path} is not writable ({why})") from None
+
+
+def exists(path: str) -> bool:
+    """A local path, or anything under an object-storage prefix."""
+    fs, p = open_fs(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def ray_storage(path: str) -> dict:
+    """Ray Train/Tune's storage arguments for ``run.storage_path``: object storage goes with
+    its filesystem (the S3 endpoint of AWS_ENDPOINT_URL_S3 included, see datasets/shards.py)."""
+    if "://" not in path:
+        return {"storage_path": path}
+    fs, p = open_fs(path)
+    return {"storage_path": p, "storage_filesystem": fs}
+
+
+def local_home(storage: str, name: str) -> Path:
+    """This machine's directory for a run's local files (the tracking spool, jobs/spool.py):
+    the run's own directory on local storage; with object storage, which has no local
+    directory, $FACEGAN_LOCAL_DIR/<run> (default ~/.cache/facegan/runs/<run>)."""
+    if "://" not in storage:
+        return Path(storage) / name
+    return Path(os.environ.get("FACEGAN_LOCAL_DIR") or Path.home() / ".cache" / "facegan" / "runs").expanduser() / name
 
 
 def check_evaluation(cfg: Config) -> dict | None:

@@ -22,8 +22,8 @@ from pathlib import Path
 from datasets.shards import ShardError, ShardSet
 from datasets.synthetic import ensure_generated
 from gan.checkpoint import CheckpointError
-from gan.config import Config, ConfigError, flatten, from_flat, load, validate
-from jobs.preflight import check_evaluation, refuse_relative_under_submit, writable
+from gan.config import Config, ConfigError, flatten, from_flat, load, validate, worker_resources
+from jobs.preflight import check_evaluation, exists, local_home, ray_storage, refuse_relative_under_submit, writable
 
 
 class Diverged(RuntimeError):
@@ -59,8 +59,9 @@ def prepare(argv: list[str] | None) -> Plan:
     # Workers have another working directory than the driver: pass them absolute paths.
     if "://" not in cfg.data.path:
         cfg.data.path = str(Path(cfg.data.path).resolve())
-    storage = Path(cfg.run.storage_path).resolve()
-    cfg.run.storage_path = str(storage)
+    if "://" not in cfg.run.storage_path:  # object storage (s3://...) is the same URI everywhere
+        cfg.run.storage_path = str(Path(cfg.run.storage_path).resolve())
+    storage = cfg.run.storage_path
     if cfg.data.source == "generated":
         try:
             shards = ensure_generated(cfg.data.path, cfg.data.generated_count, cfg.model.size, cfg.train.seed,
@@ -81,16 +82,16 @@ def prepare(argv: list[str] | None) -> Plan:
         raise ConfigError("--resume needs run.name (the run to continue)")
     stem = Path(args.config).stem if args.config else "default"
     name = cfg.run.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = storage / name
-    if args.resume and not run_dir.is_dir():
+    run_dir = f"{storage}/{name}"
+    if args.resume and not exists(run_dir):
         raise ConfigError(f"--resume: no run at {run_dir}")
-    if not args.resume and run_dir.exists():
+    if not args.resume and exists(run_dir):
         raise ConfigError(f"run.name: {run_dir} exists; pass --resume to continue it or choose another name")
     cfg.run.name = name
     # After the checks that write nothing (a config that fails there creates no directory),
     # before the real side of FID is cached under it.
     writable(storage, "run.storage_path")
-    return Plan(cfg, name, str(storage), args.resume, check_evaluation(cfg), args.config or "")
+    return Plan(cfg, name, storage, args.resume, check_evaluation(cfg), args.config or "")
 
 
 def _quiet_reports() -> None:
@@ -182,16 +183,17 @@ def build_trainer(plan: Plan, tracking_uri: str, run_id: str, extra: dict | None
     from jobs.spool import SPOOL
 
     sc = plan.cfg.scale
-    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {})}
+    resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {}),
+                 **worker_resources(sc.worker_resources)}
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": flatten(plan.cfg), "tracking_uri": tracking_uri, "run_id": run_id,
-                           "spool": str(Path(plan.storage_path) / plan.run_name / SPOOL), **(extra or {})},
+                           "spool": str(local_home(plan.storage_path, plan.run_name) / SPOOL), **(extra or {})},
         scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=plan.run_name,
-            storage_path=plan.storage_path,
+            **ray_storage(plan.storage_path),
             failure_config=FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=plan.cfg.run.keep_checkpoints),
             callbacks=callbacks,
@@ -209,7 +211,8 @@ def run(argv: list[str] | None = None) -> dict:
     from jobs.tracking import end_run, find_run, resolve_tracking_uri, start_run
 
     uri = resolve_tracking_uri()
-    run_dir = str(Path(plan.storage_path) / plan.run_name)
+    run_dir = f"{plan.storage_path}/{plan.run_name}"  # the run's identity in MLflow (find_run)
+    home = local_home(plan.storage_path, plan.run_name)  # this machine's spool for the run
     prior = find_run(uri, plan.cfg.run.experiment, run_dir) if plan.resume else None
     run_id = start_run(uri, plan.cfg.run.experiment, plan.run_name, run_dir, flatten(plan.cfg), plan.resume)
     from mlflow.tracking import MlflowClient
@@ -235,7 +238,7 @@ def run(argv: list[str] | None = None) -> dict:
             # Rank 0 tags a divergence (gan/loop.py); Ray's Result only keeps checkpointed metrics.
             tags = client.get_run(run_id).data.tags
         except Exception as e:  # noqa: BLE001 - the server went away: the spool has rank 0's tags
-            offline, tags = str(e).splitlines()[0][:200], spooled_tags(run_dir)
+            offline, tags = str(e).splitlines()[0][:200], spooled_tags(home)
         reason = tags.get("facegan.failed_reason")
         ok = reason is None
         best = next((k for k in tags if k.startswith("facegan.best_") and k != "facegan.best_step"), None)
@@ -256,15 +259,15 @@ def run(argv: list[str] | None = None) -> dict:
             unchanged = plan.resume and not ok and reason is None and _last_step(client, run_id) == before[1]
             end_run(uri, run_id, before[0] if unchanged else ok)
         except Exception as e:  # noqa: BLE001 - the verdict waits in the spool for jobs.sync
-            spool = spool_of(run_dir)
+            spool = spool_of(home)
             spool.claim(uri, run_id)  # whether or not rank 0 got as far as spooling anything
             spool.write({"kind": "end", "args": status})
             offline = offline or str(e).splitlines()[0][:200]
     if offline is not None:
-        left = len(spool_of(run_dir).files())
+        left = len(spool_of(home).files())
         print(f"facegan: the tracking server {uri} is unreachable ({offline}); {left} record(s) of run {run_id}, "
-              f"its {status} status included, wait in {run_dir}/{SPOOL}: send them with "
-              f"python -m jobs.sync {run_dir}", file=sys.stderr)
+              f"its {status} status included, wait in {home}/{SPOOL}: send them with "
+              f"python -m jobs.sync {home}", file=sys.stderr)
     if reason is not None:
         raise Diverged(reason)
     return {"run_id": run_id, "tracking_uri": uri, "run_dir": run_dir, "result": result}

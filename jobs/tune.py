@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gan.config import Config, ConfigError, apply, flatten, from_flat, load, validate
+from jobs.preflight import exists as storage_exists, ray_storage
 
 DERIVED = {"optim.lr_ratio", "loss.real_label_hi_frac"}
 KINDS = ("loguniform", "uniform", "choice")
@@ -255,7 +256,9 @@ def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, 
     # The trial driver only waits on its Train run; the workers hold the real resources.
     fn = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     if resume:
-        return tune.Tuner.restore(f"{storage}/{sweep.name}", fn, resume_unfinished=True, resume_errored=True)
+        where = ray_storage(f"{storage}/{sweep.name}")  # object storage: path and filesystem
+        return tune.Tuner.restore(where["storage_path"], fn, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=where.get("storage_filesystem"))
     total = cfg.train.max_steps or 10**9
     if sweep.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=total, grace_period=sweep.grace_period,
@@ -274,7 +277,7 @@ def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, 
                                     trial_dirname_creator=lambda t: t.trial_id),
         # Tune's copies of the trials' checkpoints: PBT only clones the latest, a restore only
         # needs the latest; without a limit every one is kept (~0.6 GB each at 128 px).
-        run_config=TuneRunConfig(name=sweep.name, storage_path=storage, progress_reporter=reporter(sweep),
+        run_config=TuneRunConfig(name=sweep.name, **ray_storage(storage), progress_reporter=reporter(sweep),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)),
     )
 
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         if sweep.max_identity_auc < 1 and plan.cfg.eval.identity_audit != "on":
             raise ConfigError("max_identity_auc: the trials run no identity audit (eval.identity_audit is off: "
                               "the shards need identities and the privacy extra must be installed)")
-        exists = Path(storage, sweep.name).exists()
+        exists = storage_exists(f"{storage}/{sweep.name}")
         if exists and not args.resume:
             raise ConfigError(f"sweep {sweep.name}: {storage}/{sweep.name} exists; pass --resume or rename it")
         if args.resume and not exists:

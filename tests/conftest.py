@@ -50,6 +50,34 @@ def wait_http(url: str, timeout: float = 120) -> None:
     raise TimeoutError(url)
 
 
+def stop_ray_by_tmpdir(tmp: str, grace: float = 10) -> int:
+    """Stops the Ray processes of the node(s) started with this temp dir (every one of them names
+    it in its command line), and no other: `ray stop` kills every Ray on the machine. Returns
+    how many there were."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(tmp in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except psutil.Error:
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return len(procs)
+
+
 def start_mlflow_server(store: Path, port: int):
     """A real `mlflow server` on 127.0.0.1:port over a SQLite store and artifact folder in
     ``store``, in its own process group (stop it with os.killpg); returns once it answers."""

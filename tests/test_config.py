@@ -51,6 +51,9 @@ def test_wrong_type_in_toml_names_file_and_field(tmp_path):
     (["--train.batch_size=63"], "train.batch_size: 63 is not divisible by scale.num_workers=2"),
     (["--loss.real_label_lo=0.95", "--loss.real_label_hi=0.9"], "need 0 <= lo <= hi <= 1"),
     (["--optim.lr_d=0"], "optim.lr_d: must be > 0"),
+    (["--scale.worker_resources=trainer"], "scale.worker_resources: must be name=amount"),
+    (["--scale.worker_resources=trainer=0"], "scale.worker_resources: must be name=amount"),
+    (["--scale.worker_resources=CPU=1"], "scale.worker_resources: must be name=amount"),
 ])
 def test_validation_errors(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
