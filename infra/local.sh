@@ -2,8 +2,10 @@
 # A local Ray head and MLflow server on 127.0.0.1, for `ray job submit` on one machine.
 #   infra/local.sh start   # head on :6379, dashboard/jobs on :8265, MLflow on :5000
 #   infra/local.sh stop
-# State lives under $FACEGAN_HOME (default ./.facegan). Token auth is off here because
-# everything binds to 127.0.0.1; keep it on for any cluster reachable from elsewhere.
+# State lives under $FACEGAN_HOME (default ./.facegan). Token auth is off here by default, for a
+# machine nobody else can reach: Ray 2.60's gcs_server and raylet listen on all interfaces ('::')
+# even with --node-ip-address=127.0.0.1 (measured), so on a reachable machine run
+# RAY_AUTH_MODE=token infra/local.sh start (or firewall the ports).
 set -euo pipefail
 HOME_DIR="${FACEGAN_HOME:-$PWD/.facegan}"
 export RAY_TMPDIR="${RAY_TMPDIR:-/tmp/facegan-ray}"  # the same for start and stop

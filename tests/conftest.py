@@ -56,10 +56,11 @@ def stop_ray_by_tmpdir(tmp: str, grace: float = 10) -> int:
     how many there were."""
     import psutil
 
-    procs = []
+    procs, inside = [], tmp.rstrip("/") + "/"  # /tmp/fg-1/..., never /tmp/fg-12/...
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if p.pid != os.getpid() and any(tmp in part for part in (p.info["cmdline"] or [])):
+            if p.pid != os.getpid() and any(inside in part or part.endswith(tmp.rstrip("/"))
+                                            for part in (p.info["cmdline"] or [])):
                 procs.append(p)
         except psutil.Error:
             pass
@@ -138,9 +139,7 @@ def celeba64(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
-    """A real local Ray instance for one test module. Module scope, not session: the
-    `ray job submit` test ends its own head with `ray stop`, which stops every Ray on the
-    machine, so no in-process Ray may be alive while that module runs. With the dashboard:
+    """A real local Ray instance for one test module. With the dashboard:
     Ray Train's placement-group cleaner asks the state API whether a stopped Tune trial is
     gone, and without it a stopped trial's workers keep their CPUs for good."""
     import ray

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, _free_port, child_runs, start_mlflow_server, wait_http
+from tests.conftest import ROOT, _free_port, child_runs, start_mlflow_server, stop_ray_by_tmpdir, wait_http
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def ray_head():
         wait_http(f"http://127.0.0.1:{dash}/api/version")
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_by_tmpdir(ray_tmp)  # this head's processes only: `ray stop` stops every Ray on the machine
 
 
 def test_ray_job_submit_lands_in_mlflow(ray_head, mlflow_server, faces64, tmp_path):
