@@ -21,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 
-from tests.conftest import ROOT, _free_port, stop_ray_by_tmpdir, wait_http
+from tests.conftest import ROOT, _free_port, child_runs, stop_ray_by_tmpdir, wait_http
 
 BUCKET = "facegan"
 
@@ -159,3 +159,42 @@ def test_two_nodes_s3_storage_and_a_killed_worker(cluster, mlflow_s3, s3_env, fa
     assert nodes == {trainer}  # both worker groups, before and after the kill, on the second node
     assert not any(cwd.iterdir()), sorted(p.name for p in cwd.iterdir())  # nothing in the driver's cwd
 
+
+
+def test_pbt_sweep_with_its_storage_in_s3(cluster, mlflow_s3, s3_env, faces64, tmp_path):
+    """Tune's experiment state, the trials' Train checkpoints and the donors PBT clones all live
+    in the bucket; an exploit restarts a trial from a donor's checkpoint read back from S3."""
+    _, s3 = s3_env
+    cwd = tmp_path / "driver-cwd"
+    cwd.mkdir()
+    sweep = tmp_path / "s3pbt.toml"
+    sweep.write_text('[sweep]\nname = "s3pbt"\nnum_samples = 2\nscheduler = "pbt"\nperturbation_interval = 4\n'
+                     'synch = true\n\n[space]\n"optim.lr_g" = { type = "loguniform", low = 5e-5, high = 1e-3 }\n')
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["address"], "MLFLOW_TRACKING_URI": mlflow_s3,
+           "FACEGAN_LOCAL_DIR": str(tmp_path / "local"), "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_TMPDIR", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.tune", "--config", str(ROOT / "configs" / "smoke.toml"), "--sweep", str(sweep),
+         "--data.source=shards", f"--data.path={faces64}", "--model.width=0.0625", "--train.batch_size=16",
+         "--train.max_steps=8", "--train.log_every=4", "--eval.every_steps=4", "--eval.extractor=pixels",
+         "--eval.num_samples=64", "--scale.num_workers=1", "--scale.cpus_per_worker=0.5",
+         "--scale.worker_resources=trainer=1", f"--run.storage_path=s3://{BUCKET}/sweeps"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    keys = _keys(s3, "sweeps/")
+    assert any(k.startswith("sweeps/s3pbt/") for k in keys)  # Tune's experiment state
+    clones = {k.split("/")[2] for k in keys if k.startswith("sweeps/s3pbt-train/") and "-from-" in k}
+    assert clones, "PBT never exploited"
+    assert any(k.startswith(f"sweeps/s3pbt-train/{c}/checkpoint_") for c in clones for k in keys)
+    client = MlflowClient(mlflow_s3)
+    parents = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                 filter_string="attributes.run_name = 'sweep-s3pbt'")
+    assert len(parents) == 1
+    children = child_runs(client, parents[0].info.run_id)
+    assert len(children) == 2
+    resumed = [m.value for c in children for m in client.get_metric_history(c.info.run_id, "resumed_from_step")]
+    assert resumed and min(resumed) >= 4, resumed  # a clone continued from the donor's step
+    for c in children:
+        steps = [m.step for m in client.get_metric_history(c.info.run_id, "fid")]
+        assert max(steps) == 8 and len(steps) == len(set(steps)), steps
+    assert not any(cwd.iterdir()), sorted(p.name for p in cwd.iterdir())
