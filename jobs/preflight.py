@@ -60,10 +60,15 @@ def writable(path: str | Path, key: str) -> None:
         raise ConfigError(f"{key}: {path} is not writable ({why})") from None
 
 
-def exists(path: str) -> bool:
-    """A local path, or anything under an object-storage prefix."""
-    fs, p = open_fs(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
+def exists(path: str, key: str = "run.storage_path") -> bool:
+    """A local path, or anything under an object-storage prefix; storage that cannot be
+    reached is one line naming ``key``."""
+    try:
+        fs, p = open_fs(path)
+        return fs.get_file_info(p).type != pafs.FileType.NotFound
+    except OSError as e:  # pyarrow's errors: no endpoint, no bucket, no credentials
+        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key}: cannot read {path} ({why})") from None
 
 
 def ray_storage(path: str) -> dict:

@@ -60,3 +60,21 @@ def test_celeba_converter_writes_to_s3(s3, tmp_path):
                 if s3.list_objects_v2(Bucket="faces", Prefix=f"celeba64/{s}/manifest.json").get("KeyCount"))
     assert total == 300
     assert s3.get_object(Bucket="faces", Key="celeba64/rejected.jsonl")["Body"].read() == b""
+
+
+def test_storage_checks_on_object_storage(s3, monkeypatch):
+    """What jobs.train/jobs.tune check before Ray for an s3:// run.storage_path."""
+    from gan.config import ConfigError
+    from jobs.preflight import exists, writable
+
+    assert not exists("s3://faces/runs/a")
+    writable("s3://faces/runs", "run.storage_path")  # a probe object, put and deleted
+    left = [o["Key"] for o in s3.list_objects_v2(Bucket="faces", Prefix="runs/").get("Contents", [])]
+    assert all(k.endswith("/") for k in left), left  # no probe left (pyarrow may keep a "runs/" marker)
+    s3.put_object(Bucket="faces", Key="runs/a/checkpoint_000000010/checkpoint.pt", Body=b"x")
+    assert exists("s3://faces/runs/a")  # a prefix with objects is a run
+    with pytest.raises(ConfigError, match=r"^run.storage_path: s3://missing-bucket/runs is not writable \("):
+        writable("s3://missing-bucket/runs", "run.storage_path")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{_free_port()}")  # nothing listens
+    with pytest.raises(ConfigError, match=r"^run.storage_path: cannot read s3://faces/runs/a \(.*connect"):
+        exists("s3://faces/runs/a")
