@@ -38,13 +38,18 @@ class ShardError(ValueError):
     """A shard set that cannot be read as it is; the message names the path."""
 
 
+def is_uri(path: str | Path) -> bool:
+    """Object storage or another pyarrow filesystem (``s3://...``), not a local path."""
+    return "://" in str(path)
+
+
 def open_fs(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and path for a local path or a URI (``s3://bucket/prefix``).
 
     For S3-compatible servers other than AWS, set ``AWS_ENDPOINT_URL_S3`` (or append
     ``?endpoint_override=host:port&scheme=http`` to the URI)."""
     text = str(uri)
-    if "://" not in text:
+    if not is_uri(text):
         return pafs.LocalFileSystem(), str(Path(text).resolve())
     if text.startswith("s3://") and "endpoint_override" not in text and os.environ.get("AWS_ENDPOINT_URL_S3"):
         endpoint = os.environ["AWS_ENDPOINT_URL_S3"]

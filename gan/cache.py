@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.shards import ensure_dir, is_file, open_fs, write_bytes
+from datasets.shards import ensure_dir, is_file, is_uri, open_fs, write_bytes
 
 
 def read(cache_dir: str | Path, name: str) -> bytes | None:
@@ -26,7 +26,7 @@ def write(cache_dir: str | Path, name: str, data: bytes) -> None:
     entry at once), then renamed; an object store's PUT is already all-or-nothing."""
     fs, root = open_fs(cache_dir)
     ensure_dir(fs, root)
-    if "://" in str(cache_dir):
+    if is_uri(cache_dir):
         write_bytes(fs, f"{root}/{name}", data)
         return
     tmp = Path(root) / f".{name}.{os.getpid()}.tmp"

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gan import cache
-
 from datasets.shards import ShardSet
+from gan import cache
 from gan.inception import PROTOCOL, ExtractorError, InceptionFID
 
 EXTRACTORS = ("inception", "pixels")

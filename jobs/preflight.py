@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from datasets.shards import ShardSet, open_fs, write_bytes
+from datasets.shards import ShardSet, is_uri, open_fs, write_bytes
 from gan.config import Config, ConfigError
 from gan.inception import ExtractorError
 
@@ -30,7 +30,7 @@ def refuse_relative_under_submit(cfg: Config) -> None:
         return
     where = "Ray's temporary copy of `ray job submit --working-dir`, lost when the job ends"
     for key, value in (("run.storage_path", cfg.run.storage_path), ("data.path", cfg.data.path)):
-        if "://" not in value and not Path(value).is_absolute():
+        if not is_uri(value) and not Path(value).is_absolute():
             raise ConfigError(f"{key}: {value!r} is relative, so it would be in {where}; "
                               f"pass --{key}=<an absolute path every node sees>")
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
@@ -44,7 +44,7 @@ def writable(path: str | Path, key: str) -> None:
     """Creates ``path`` and writes a file in it, now, rather than after an epoch of training;
     on object storage (``s3://...``), puts and deletes a probe object."""
     try:
-        if "://" in str(path):
+        if is_uri(path):
             fs, root = open_fs(path)
             probe = f"{root}/.facegan-write-test-{os.getpid()}"
             write_bytes(fs, probe, b"")
@@ -56,8 +56,13 @@ def writable(path: str | Path, key: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:  # pyarrow's filesystem errors are OSErrors too
-        why = e.strerror or str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{key}: {path} is not writable ({why})") from None
+        raise ConfigError(f"{key}: {path} is not writable ({_why(e)})") from None
+
+
+def _why(e: OSError) -> str:
+    """An OS or pyarrow filesystem error in one line."""
+    text = str(e).strip()
+    return e.strerror or (text.splitlines()[0][:300] if text else type(e).__name__)
 
 
 def exists(path: str, key: str = "run.storage_path") -> bool:
@@ -67,14 +72,13 @@ def exists(path: str, key: str = "run.storage_path") -> bool:
         fs, p = open_fs(path)
         return fs.get_file_info(p).type != pafs.FileType.NotFound
     except OSError as e:  # pyarrow's errors: no endpoint, no bucket, no credentials
-        why = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{key}: cannot read {path} ({why})") from None
+        raise ConfigError(f"{key}: cannot read {path} ({_why(e)})") from None
 
 
 def ray_storage(path: str) -> dict:
     """Ray Train/Tune's storage arguments for ``run.storage_path``: object storage goes with
     its filesystem (the S3 endpoint of AWS_ENDPOINT_URL_S3 included, see datasets/shards.py)."""
-    if "://" not in path:
+    if not is_uri(path):
         return {"storage_path": path}
     fs, p = open_fs(path)
     return {"storage_path": p, "storage_filesystem": fs}
@@ -84,7 +88,7 @@ def local_home(storage: str, name: str) -> Path:
     """This machine's directory for a run's local files (the tracking spool, jobs/spool.py):
     the run's own directory on local storage; with object storage, which has no local
     directory, $FACEGAN_LOCAL_DIR/<run> (default ~/.cache/facegan/runs/<run>)."""
-    if "://" not in storage:
+    if not is_uri(storage):
         return Path(storage) / name
     return Path(os.environ.get("FACEGAN_LOCAL_DIR") or Path.home() / ".cache" / "facegan" / "runs").expanduser() / name
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.shards import ShardError, ShardSet
+from datasets.shards import ShardError, ShardSet, is_uri
 from datasets.synthetic import ensure_generated
 from gan.checkpoint import CheckpointError
 from gan.config import Config, ConfigError, flatten, from_flat, load, validate, worker_resources
@@ -57,9 +57,9 @@ def prepare(argv: list[str] | None) -> Plan:
     check_reachable(resolve_tracking_uri())  # in seconds, before faces are drawn or features cached
 
     # Workers have another working directory than the driver: pass them absolute paths.
-    if "://" not in cfg.data.path:
+    if not is_uri(cfg.data.path):
         cfg.data.path = str(Path(cfg.data.path).resolve())
-    if "://" not in cfg.run.storage_path:  # object storage (s3://...) is the same URI everywhere
+    if not is_uri(cfg.run.storage_path):  # object storage (s3://...) is the same URI everywhere
         cfg.run.storage_path = str(Path(cfg.run.storage_path).resolve())
     storage = cfg.run.storage_path
     if cfg.data.source == "generated":
