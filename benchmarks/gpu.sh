@@ -32,6 +32,8 @@ run 60 "${out}-profile.jsonl" python -m benchmarks.profile_step --size 128 --bat
 run 80 "${out}-loop-inprocess.jsonl" python -m benchmarks.loop --size 128 --device cuda --steps 600 --loader-workers 0
 run 80 "${out}-b128.jsonl" python -m benchmarks.train_step --size 128 --batch 128 --device cuda \
     --variants eager_fp32_reference,project+all-graphs,project+all
+# What a checkpoint of the seed model costs the training thread: in the loop vs off it.
+run 60 "${out}-checkpoint.jsonl" python -m benchmarks.checkpoint --size 128 --device cuda
 src=data/celeba-sample/img_align_celeba.zip
 run 60 "${out}-data.jsonl" python -m benchmarks.data --size 128 $([ -f "$src" ] && echo "--src $src")
 if [ "${QUALITY:-0}" = 1 ]; then

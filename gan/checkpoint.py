@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -30,18 +31,100 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+class _Hashing:
+    """A write-only file that digests what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_state(state: dict[str, Any], path: str | Path) -> None:
     """Writes to temporary names and renames, so a crash never leaves a half checkpoint; the
     digest goes first, so a file whose digest is missing or stale reads as damaged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
     side = _sidecar(path)
     side_tmp = side.with_name(f".{side.name}.tmp")
-    side_tmp.write_text(_digest(tmp) + "\n")
+    try:
+        with open(tmp, "wb") as f:
+            hashing = _Hashing(f)
+            torch.save(state, hashing)  # digested as written: a 0.5 GB state is not read back
+        side_tmp.write_text(hashing.sha.hexdigest() + "\n")
+    except BaseException:  # a failed write leaves the previous checkpoint and no litter
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+        raise
     os.replace(side_tmp, side)
     os.replace(tmp, path)
+
+
+def to_host(state: Any) -> Any:
+    """A copy of ``state`` whose tensors are CPU tensors of their own, taken now: the next step
+    updates parameters and optimizer state in place, so a writer working later needs a copy
+    (on a CPU run as much as on a GPU). On CUDA the copies go into pinned memory without a
+    wait each, then one synchronise: the training thread pays one device-to-host transfer."""
+    cuda = []
+
+    def copy(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            x = x.detach()
+            if x.device.type != "cuda":
+                return x.clone()
+            out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            cuda.append(x.device)
+            return out.copy_(x, non_blocking=True)
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+
+    out = copy(state)
+    for device in set(cuda):
+        torch.cuda.synchronize(device)
+    return out
+
+
+class BackgroundWriter:
+    """Runs checkpoint writes off the training thread, one at a time.
+
+    ``submit`` first waits for the write before it (so host memory holds at most one state
+    being written besides the one just taken) and raises that write's error, if any: a run
+    whose checkpoints fail stops at its next checkpoint, not hours later. ``wait`` is the same
+    barrier for the end of a run. The thread is not a daemon: an exiting process finishes the
+    write it started (and the write itself is temp-then-rename, so none is ever half there)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                write()
+            except BaseException as e:  # handed to the training thread at its next call
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="facegan-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

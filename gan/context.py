@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gan.checkpoint import load_state, save_state
+from gan.checkpoint import BackgroundWriter, load_state, save_state, to_host
 
 CHECKPOINT_FILE = "checkpoint.pt"
 StateFn = Callable[[], dict[str, Any]]
@@ -37,7 +37,12 @@ class Context(Protocol):
         """Called by every rank at the same steps. ``checkpoint`` is a function so that only
         the rank that writes pays for building the state; ``artifacts`` maps a relative path
         (``samples/epoch_001.png``) to bytes; ``model`` is a new best generator to publish;
-        ``tags`` are run tags (training-health flags)."""
+        ``tags`` are run tags (training-health flags). A checkpoint's state is taken before
+        ``report`` returns; writing it may go on in the background (see ``flush``)."""
+
+    def flush(self) -> None:
+        """Returns once every checkpoint handed to ``report`` is written, or raises the error
+        that stopped one. The loop calls it before it returns."""
 
     def should_stop(self) -> bool:
         """Must agree across ranks, or the ranks' collectives fall out of step."""
@@ -83,6 +88,9 @@ class TorchDistributedContext:
         dist.all_reduce(values)
         return values / self.world_size
 
+    def flush(self) -> None:
+        pass
+
     def request_stop(self) -> None:
         self._stop = True
 
@@ -101,8 +109,13 @@ class LocalContext(TorchDistributedContext):
         self.checkpoint_steps: list[int] = []
         self.best_steps: list[int] = []
         self.tags: dict[str, str] = {}
+        self.writer = BackgroundWriter()
+
+    def flush(self) -> None:
+        self.writer.wait()
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        self.flush()
         path = self.out / CHECKPOINT_FILE
         return load_state(path) if self.resume and path.is_file() else None
 
@@ -116,7 +129,8 @@ class LocalContext(TorchDistributedContext):
             save_state({"step": step, "G": model.state_dict(), "format": 1}, self.out / "best_generator.pt")
             self.best_steps.append(step)
         if checkpoint is not None:
-            save_state(checkpoint(), self.out / CHECKPOINT_FILE)
+            state = to_host(checkpoint())  # now, on this thread; serialising and writing in the background
+            self.writer.submit(lambda: save_state(state, self.out / CHECKPOINT_FILE))
             self.checkpoint_steps.append(step)
         for rel, data in (artifacts or {}).items():
             path = self.out / rel

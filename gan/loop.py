@@ -291,6 +291,7 @@ def train(cfg: Config, ctx: Context, data: BatchSource, evaluator: Evaluator | N
         if step >= total or ctx.should_stop():
             break
     ctx.report(step, {}, artifacts=grid_artifact("final"))
+    ctx.flush()  # the last checkpoint was being written while the final grid was drawn
     return TrainResult(step, unwrap(nets.G) if ema is None else ema, D, metrics, resumed_from, best)
 
 
@@ -302,6 +303,7 @@ def diverged(ctx: Context, step: int, bad: list[str], saved: int | None, G, D) -
     if ctx.rank == 0:
         print(f"facegan: {msg}", flush=True)
     ctx.report(step, {"diverged_at_step": float(step)}, tags={"facegan.failed_reason": msg})
+    ctx.flush()
     return TrainResult(step, G, D, {}, diverged=msg)
 
 

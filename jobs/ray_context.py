@@ -2,15 +2,20 @@
 through MLflow from rank 0 only."""
 from __future__ import annotations
 
+import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import ray.train
 import ray.train.torch
+from ray.train import CheckpointUploadMode
 
-from gan.checkpoint import CheckpointError, load_state, save_state
+from gan.checkpoint import CheckpointError, load_state, save_state, to_host
 from gan.context import CHECKPOINT_FILE, TorchDistributedContext
 from jobs.tracking import Tracker
+
+ASYNC = CheckpointUploadMode.ASYNC
 
 
 class RayTrainContext(TorchDistributedContext):
@@ -22,6 +27,7 @@ class RayTrainContext(TorchDistributedContext):
         # restarted from a donor's or its own earlier checkpoint): a ray.train.Checkpoint.
         self.init_checkpoint = init_checkpoint
         self.last_scores: dict[str, float] = {}
+        self.pending: threading.Event | None = None  # rank 0's checkpoint upload in flight
         self.ckpt_suffix = ""  # set when a resume skipped damaged checkpoints (load_checkpoint)
         # TorchTrainer has set up the process group; these agree with torch.distributed.
         ctx = ray.train.get_context()
@@ -80,16 +86,40 @@ class RayTrainContext(TorchDistributedContext):
         metrics = {**metrics, **self.last_scores}
         if checkpoint is None:
             if metrics:
-                ray.train.report({**metrics, "step": step})
+                ray.train.report({**metrics, "step": step}, checkpoint_upload_mode=ASYNC)
             return
         # Every rank reports; only rank 0 hands over a checkpoint (the state is replicated).
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if self.rank == 0:
-                save_state(checkpoint(), Path(tmp) / CHECKPOINT_FILE)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "step": step}, checkpoint=ckpt,
-                             checkpoint_dir_name=f"checkpoint_{step:09d}{self.ckpt_suffix}")
+        # The state is copied to the host here; serialising and uploading it happen on Ray's
+        # checkpoint thread (ASYNC), which also registers it, in report order, once it is in
+        # storage. Every report is ASYNC: a SYNC one would wait behind the upload.
+        ckpt, upload_fn = None, None
+        if self.rank == 0:
+            self.flush()  # one checkpoint in flight: host memory holds at most two states
+            state, tmp = to_host(checkpoint()), Path(tempfile.mkdtemp(prefix="facegan-ckpt-"))
+            storage, done = ray.train.get_context().get_storage(), threading.Event()
+            self.pending = done
+
+            def upload(c: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+                try:
+                    save_state(state, tmp / CHECKPOINT_FILE)
+                    return storage.persist_current_checkpoint(c, name)  # what Ray does without upload_fn
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)  # on success Ray deletes it after upload
+                    raise
+                finally:
+                    done.set()
+
+            ckpt, upload_fn = ray.train.Checkpoint.from_directory(str(tmp)), upload
+        ray.train.report({**metrics, "step": step}, checkpoint=ckpt, checkpoint_upload_mode=ASYNC,
+                         checkpoint_upload_fn=upload_fn,
+                         checkpoint_dir_name=f"checkpoint_{step:09d}{self.ckpt_suffix}")
+
+    def flush(self) -> None:
+        """Waits for this rank's checkpoint upload (a failed one is raised by Ray itself, from
+        its checkpoint thread; Ray also waits for that thread when the training function ends)."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
 
 
 def _older(ckpt) -> list:

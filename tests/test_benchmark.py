@@ -79,3 +79,16 @@ def test_loop_benchmark_times_the_real_loop_beside_the_step(faces64):
     # Within the rounding of the printed img/s (0.1), which is a percent at a loaded CPU's ~10 img/s.
     assert row["loop_over_step"] == pytest.approx(row["loop_img_per_s"] / row["step_img_per_s"], rel=0.01)
     assert row["seed_run_min"] == pytest.approx(60 * 162_770 / row["loop_img_per_s"] / 60, rel=0.01)
+
+
+def test_checkpoint_benchmark_times_the_training_threads_share_and_checks_the_file():
+    """The seed state written in the loop and off it: the same checkpoint, one JSON line."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.checkpoint", "--size", "64", "--width", "0.125",
+                           "--rounds", "2", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert row["identical"] is True
+    # 1/8 width at 64 px: G, D, EMA and two Adam states (2 moments each) are ~20 MB of float32.
+    assert 15 < row["state_mb"] < 25
+    assert min(row[k] for k in ("torch_save_ms", "sync_ms", "blocked_ms", "write_ms")) > 0
+    assert row["write_ms"] >= row["blocked_ms"]  # the write is timed from the hand-over to done
