@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     with tf32_flags(False, False):
         eager, graphed = ProjectStep(cfg, dev, switches=plain), ProjectStep(cfg, dev, switches=plain | {"cuda_graphs": True})
         loss_e, loss_g = run(eager, batches), run(graphed, batches)
-        print(json.dumps({"check": "fp32", "steps": a.steps, "graphed": graphed.run.graph is not None,
-                          "error": graphed.run.error, "max_rel": max_rel(graphed, eager),
+        print(json.dumps({"check": "fp32", "steps": a.steps, "graphed": graphed.run.graph is not None and not graphed.run.error,
+                          "error": graphed.run.error, "first_step_gap": graphed.run.checked_gap, "max_rel": max_rel(graphed, eager),
                           "d_loss_eager": loss_e[-1], "d_loss_graphed": loss_g[-1]}), flush=True)
         half = a.steps // 2
         first = ProjectStep(cfg, dev, switches=plain | {"cuda_graphs": True})
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     with tf32_flags(True, True):
         a_, b_ = ProjectStep(cfg, dev, switches=every), ProjectStep(cfg, dev, switches=every | {"cuda_graphs": False})
         run(a_, batches), run(b_, batches)
-        print(json.dumps({"check": "all", "steps": a.steps, "graphed": a_.run.graph is not None,
-                          "error": a_.run.error, "max_rel": max_rel(a_, b_)}), flush=True)
+        print(json.dumps({"check": "all", "steps": a.steps, "graphed": a_.run.graph is not None and not a_.run.error,
+                          "error": a_.run.error, "first_step_gap": a_.run.checked_gap, "max_rel": max_rel(a_, b_)}), flush=True)
     return 0
 
 

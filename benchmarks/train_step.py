@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
             "steps_per_round": a.steps,
             # whether the graph was really replayed (a failed capture runs eagerly and says why)
-            "cuda_graph": getattr(getattr(steps[n], "run", None), "graph", None) is not None,
+            "cuda_graph": getattr(getattr(steps[n], "run", None), "graph", None) is not None
+            and not getattr(steps[n].run, "error", ""),
             "graph_error": getattr(getattr(steps[n], "run", None), "error", ""),
             "seed_run_h": round(SEED_RUN_IMAGES / ips / 3600, 2),
         }), flush=True)

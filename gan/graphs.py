@@ -72,21 +72,40 @@ def _restore(nets, model, saved_model, saved_opt) -> None:
             t.copy_(saved_opt[id(t)]) if id(t) in saved_opt else t.zero_()
 
 
+def gap(before: list[torch.Tensor], eager: list[torch.Tensor], graphed: list[torch.Tensor]) -> float:
+    """How far the graphed step's result is from the eager one, relative to the step itself:
+    ||graphed - eager|| / ||eager - before|| over the tensors taken together. Float rounding and
+    atomics give ~0 (a few Adam signs flipping at a near-zero gradient weigh little against
+    every element's update); a graph that draws other random numbers or misses an update gives
+    ~1."""
+    num = sum(float((g.double() - e.double()).square().sum()) for g, e in zip(graphed, eager))
+    den = sum(float((e.double() - b.double()).square().sum()) for e, b in zip(eager, before))
+    return (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
 class GraphedStep:
-    """``step(images) -> stats`` replayed from a CUDA graph, captured on the first call."""
+    """``step(images) -> stats`` replayed from a CUDA graph, captured on the first call.
+
+    The first call also checks the graph on this machine: the first step runs eagerly, is
+    undone, then replayed from the graph with the same seed, and the two results are compared
+    (:func:`gap`, parameters and BN buffers apart). The graph is captured under another seed
+    than the one checked, so a graph that baked its random numbers in fails the check. Past
+    ``TOLERANCE`` the step says so in one line and runs eagerly from the eager result: slower,
+    never wrong."""
 
     WARMUP = 3  # the docs' recipe: a few iterations on a side stream before capture
+    TOLERANCE = 0.1  # bf16 rounding differences measure ~1e-2 at most; a wrong graph ~1
 
     def __init__(self, step: Callable[[torch.Tensor], dict], nets, gen: torch.Generator):
         self.step, self.nets, self.gen = step, nets, gen
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph = None
         self.static_in: torch.Tensor | None = None
         self.out: dict[str, torch.Tensor] = {}
-        self.error = ""  # why the capture failed (the step then runs eagerly)
+        self.error = ""  # why the graph is not used (the step then runs eagerly)
+        self.checked_gap: float | None = None  # the first step's graphed-vs-eager gap
 
-    def _capture(self, images: torch.Tensor) -> None:
-        seed = self.gen.initial_seed()  # the seed the loop set for this step
-        self.static_in = images.detach().clone()
+    def _record(self, seed: int):
+        """The CUDA part: warm-up (undone), then capture; returns (graph, static outputs)."""
         with undone(self.nets):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -100,26 +119,65 @@ class GraphedStep:
             self.gen.manual_seed(seed)
             # thread_local: the loader's pinning thread may allocate while this thread captures
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.out = self.step(self.static_in)
+                out = self.step(self.static_in)
         torch.cuda.synchronize()
-        self.graph = graph
+        return graph, out
+
+    def _groups(self) -> list[list[torch.Tensor]]:
+        nets = [unwrap(self.nets.G), self.nets.D_raw]
+        return [[p for m in nets for p in m.parameters()],
+                [b for m in nets for b in m.buffers() if b.is_floating_point()]]
+
+    def _first(self, images: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        """Captures, checks the graph against the eager step, and returns the first step's stats."""
+        self.static_in = images.detach().clone()
+        self.graph, self.out = self._record(seed ^ 0x5EED)
+        groups = self._groups()
+        before = [[t.detach().clone() for t in g] for g in groups]
+        with undone(self.nets):  # the eager reference, then back to the state before it
+            self.gen.manual_seed(seed)
+            self.step(images)
+            eager = [[t.detach().clone() for t in g] for g in groups]
+        everything = [t for ts in _state(self.nets) for t in ts]  # counters and Adam's state too
+        saved = [t.detach().clone() for t in everything]
         self.gen.manual_seed(seed)
+        out = self._replay(images)
+        self.checked_gap = max(gap(b, e, [t.detach() for t in g]) for b, e, g in zip(before, eager, groups))
+        if self.checked_gap <= self.TOLERANCE:
+            return out
+        self.error = f"the graphed step differs from the eager one (gap {self.checked_gap:.3g} > {self.TOLERANCE})"
+        with torch.no_grad():  # back to the state before the step, then the step eagerly
+            for t, v in zip(everything, saved):
+                t.copy_(v)
+        raise _Mismatch(self.error)
+
+    def _replay(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.static_in.copy_(images, non_blocking=True)
+        self.graph.replay()
+        return self.out
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.error:
             return self.step(images)
         if self.graph is None:
-            seed = self.gen.initial_seed()
+            seed = self.gen.initial_seed()  # the seed the loop set for this step
             try:
-                self._capture(images)
+                return self._first(images, seed)
             except Exception as e:  # slower, never wrong: the state is restored, the step runs eagerly
-                self.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                print(f"facegan: perf.cuda_graphs: the capture failed ({self.error}); the step runs eagerly",
-                      flush=True)
+                if not isinstance(e, _Mismatch):
+                    self.error = f"the capture failed ({type(e).__name__}: {_first_line(e)})"
+                print(f"facegan: perf.cuda_graphs: {self.error}; the step runs eagerly", flush=True)
                 self.gen.manual_seed(seed)
                 return self.step(images)
-        elif images.shape != self.static_in.shape or images.dtype != self.static_in.dtype:
+        if images.shape != self.static_in.shape or images.dtype != self.static_in.dtype:
             return self.step(images)  # another shape (a short last batch): eager, same tensors
-        self.static_in.copy_(images, non_blocking=True)
-        self.graph.replay()
-        return self.out
+        return self._replay(images)
+
+
+class _Mismatch(RuntimeError):
+    pass
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""

@@ -81,3 +81,81 @@ def test_where_graphs_apply():
 def test_config_refuses_before_any_worker(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         validate(load(ROOT / "configs" / "smoke.toml", overrides))
+
+
+class _Replayer:
+    """A stand-in for a captured CUDA graph on a CPU: replay() runs the step into the static
+    outputs. ``stale``: with the random numbers of the capture (a graph that baked them in);
+    ``no_bn``: without the BN buffer updates (a graph that missed them)."""
+
+    def __init__(self, step, static_in, gen, out, stale=False, no_bn=False, nets=None):
+        self.step, self.static_in, self.gen, self.out = step, static_in, gen, out
+        self.capture_seed, self.stale, self.no_bn, self.nets = gen.initial_seed(), stale, no_bn, nets
+
+    def replay(self):
+        if self.stale:
+            self.gen.manual_seed(self.capture_seed)
+        bufs = [b for m in (self.nets.G, self.nets.D) for b in m.buffers()]
+        kept = [b.clone() for b in bufs]
+        self.out.clear()
+        self.out.update(self.step(self.static_in))
+        if self.no_bn:
+            with torch.no_grad():
+                for b, v in zip(bufs, kept):
+                    b.copy_(v)
+
+
+def _graphed(nets, **bad):
+    import functools
+
+    from gan.graphs import GraphedStep
+
+    gen = torch.Generator()
+    step = functools.partial(train_step, nets=nets, cfg=LossConfig(), gen=gen)
+
+    class OnCpu(GraphedStep):  # everything but the CUDA capture itself (_record) is the real class
+        def _record(self, seed):
+            with undone(self.nets):  # the warm-up, undone, as the real capture does
+                gen.manual_seed(seed)
+                self.step(self.static_in)
+            gen.manual_seed(seed)
+            out = {}
+            return _Replayer(self.step, self.static_in, gen, out, nets=self.nets, **bad), out
+
+    return OnCpu(step, nets, gen), gen
+
+
+@pytest.mark.parametrize("bad", [{}, {"stale": True}, {"no_bn": True}])
+def test_the_first_step_checks_the_graph_against_the_eager_step(bad, capsys):
+    """A faithful graph is kept; one with baked-in random numbers or without the BN updates is
+    caught on the first step, which then equals the eager step bit for bit, as do the next."""
+    batches = [torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(k))
+               for k in range(3)]
+    nets, twin = _nets(), _nets()
+    run, gen = _graphed(nets, **bad)
+    for k, x in enumerate(batches):
+        gen.manual_seed(1000 + k)
+        got = run(x)
+        want = _step(twin, x, 1000 + k)
+        assert torch.equal(got["d_loss"], want["d_loss"]), k
+        for a, b in zip(_tensors(nets)[0] + _tensors(nets)[1], _tensors(twin)[0] + _tensors(twin)[1]):
+            assert torch.equal(a, b), k
+    printed = capsys.readouterr().out
+    if bad:
+        assert run.checked_gap > 0.5 and run.error.startswith("the graphed step differs from the eager one (gap ")
+        assert printed.count("facegan: perf.cuda_graphs: the graphed step differs") == 1
+    else:
+        assert run.checked_gap == 0.0 and run.error == "" and printed == ""
+
+
+def test_gap_is_relative_to_the_step():
+    from gan.graphs import gap
+
+    before = [torch.zeros(1000)]
+    eager = [torch.full((1000,), 1e-4)]  # an Adam first step: every element moves by lr
+    flipped = [eager[0].clone()]
+    flipped[0][:3] *= -1  # three signs flipped at near-zero gradients: rounding, not a wrong graph
+    assert gap(before, eager, eager) == 0.0
+    assert gap(before, eager, flipped) == pytest.approx((3 * 4 / 1000) ** 0.5)
+    assert gap(before, eager, before) == pytest.approx(1.0)  # a step that did nothing
+    assert gap(before, before, before) == 0.0 and gap(before, before, eager) == float("inf")
