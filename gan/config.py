@@ -113,9 +113,9 @@ class PerfConfig:
     compile: str = "auto"
     fused_adam: str = "auto"
     tf32: str = "auto"
-    # auto: on for one CUDA process without diffaug (gan/graphs.py). Off by default until
-    # benchmarks/graph_check.py has passed on a GPU: it was written without one.
-    cuda_graphs: str = "off"
+    # auto: on for one CUDA process without diffaug (gan/graphs.py); each run's first step
+    # checks the graph against the eager step and falls back to eager if they differ.
+    cuda_graphs: str = "auto"
     prefetch: int = 4  # batches decoded ahead of the step (0: none ahead, with data.loader_workers = 0)
 
 

@@ -9,7 +9,7 @@ off elsewhere: the fastest safe default on a GPU, and no surprises on a laptop),
 - ``tf32``: TF32 for any fp32 matmul/conv that remains.
 - ``cuda_graphs``: the whole step replayed from one CUDA graph (gan/graphs.py); auto is on for
   a single CUDA process without diffaug, ``on`` where it cannot be is a one-line error. The
-  default is off, not auto, until benchmarks/graph_check.py has passed on a GPU.
+  first step checks the graph against the eager step on the machine at hand (gan/graphs.py).
 """
 from __future__ import annotations
 
