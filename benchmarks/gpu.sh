@@ -27,7 +27,7 @@ run 200 "${out}.jsonl" python -m benchmarks.train_step --size 128 --batch 64 --d
 timeout 150 python -c "from benchmarks.quality import ensure_data; ensure_data(None, 128)" >/dev/null \
     || echo "gpu.sh: converting the CelebA sample failed or passed 150s" >&2
 run 120 "${out}-loop.jsonl" python -m benchmarks.loop --size 128 --device cuda --steps 600 --cuda-graphs auto
-run 100 "${out}-loop-nographs.jsonl" python -m benchmarks.loop --size 128 --device cuda --steps 600
+run 100 "${out}-loop-nographs.jsonl" python -m benchmarks.loop --size 128 --device cuda --steps 600 --cuda-graphs off
 run 60 "${out}-profile.jsonl" python -m benchmarks.profile_step --size 128 --batch 64
 run 80 "${out}-loop-inprocess.jsonl" python -m benchmarks.loop --size 128 --device cuda --steps 600 --loader-workers 0
 run 80 "${out}-b128.jsonl" python -m benchmarks.train_step --size 128 --batch 128 --device cuda \
