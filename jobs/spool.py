@@ -90,15 +90,9 @@ def send(tracker, record: dict) -> None:
         tracker.log_images(*args)
     elif kind == "artifacts":
         tracker.log_artifacts(args)
-    elif kind == "generator":
-        from gan.config import ModelConfig
-        from gan.models import Generator
-
-        state, model, step, metrics, register_as = args
-        cfg = ModelConfig(**model)
-        G = Generator(cfg)
-        G.load_state_dict(state)
-        tracker.log_generator(G, cfg, step=step, metrics=metrics, register_as=register_as)
+    elif kind == "generator":  # weights only: the export runs in a child process (jobs/publish.py)
+        state, model, step, scores, register_as = args
+        tracker.publish_generator(state, model, step=step, scores=scores, register_as=register_as)
     elif kind == "end":
         from jobs.tracking import end_run
 

@@ -14,13 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from jobs.publish import publish
+
 RUN_DIR_TAG = "facegan.run_dir"
 RUN_NAME_TAG = "facegan.run_name"
-MODEL_PATH = "generator"
 
 
 def resolve_tracking_uri() -> str:
@@ -204,50 +204,13 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
-    def log_generator(self, G, model_cfg, step: int | None = None, metrics: dict | None = None,
-                      register_as: str = "") -> None:
-        scores = {k: v for k, v in (metrics or {}).items() if k in ("fid", "kid")}
+    def publish_generator(self, state: dict, model_cfg, step: int | None = None, scores: dict | None = None,
+                          register_as: str = "") -> None:
+        """A generator's weights (host tensors) as the run's model: exported in a child process
+        (jobs/publish.py), so that no thread of this process traces a module."""
+        scores = {k: v for k, v in (scores or {}).items() if k in ("fid", "kid")}
         what = f"step {step}" + "".join(f", {k} {v:.4g}" for k, v in scores.items())
-        log_generator(self.uri, self.run_id, G, model_cfg, register_as, description=f"run {self.run_id}, {what}")
+        publish(self.uri, self.run_id, state, model_cfg, register_as, description=f"run {self.run_id}, {what}")
         tags = {"facegan.generator_step": str(step)} if step is not None else {}
         tags |= {f"facegan.generator_{k}": f"{v:.6g}" for k, v in scores.items()}
         self.set_tags(tags)
-
-
-def log_generator(tracking_uri: str, run_id: str, G, model_cfg, register_as: str = "", description: str = "") -> None:
-    """The generator as an MLflow PyTorch model that runs at any batch size.
-
-    Saved in MLflow's pt2 format (``torch.export``): a traced graph that loads without
-    unpickling anything, so opening a model from a shared tracking server runs no code from it.
-    The signature's batch dimension is -1, which MLflow 3.17 exports as dynamic: the loaded
-    graph takes any number of z's, 1 included (tested), in eval mode (BN running statistics).
-    """
-    import numpy as np
-    import torch
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    from gan.models import Generator
-
-    # A fresh module with the trained weights: no compiled forward, device or layout in it.
-    clean = Generator(model_cfg)
-    clean.load_state_dict({k: v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()})
-    G, z_dim = clean.eval(), model_cfg.z_dim
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, z_dim))]),
-                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, G.size, G.size))]))
-    example = (torch.rand(2, z_dim) * 2 - 1).numpy()
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-        info = mlflow.pytorch.log_model(G, name=MODEL_PATH, serialization_format="pt2", signature=signature,
-                                        input_example=example,
-                                        registered_model_name=register_as or None,
-                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    if register_as and info.registered_model_version is not None:
-        # Each new best becomes the champion: models:/<name>@champion is always the best so far.
-        client = MlflowClient(tracking_uri)
-        version = str(info.registered_model_version)
-        client.update_registered_model(register_as, description=(
-            f"facegan DCGAN generator, {G.size} px: z ~ U(-1, 1) of shape (n, {z_dim}) in, images "
-            f"(n, 3, {G.size}, {G.size}) in [-1, 1] out. Alias 'champion': the best FID so far."))
-        client.update_model_version(register_as, version, description=description or "")
-        client.set_registered_model_alias(register_as, "champion", version)

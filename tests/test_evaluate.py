@@ -116,7 +116,8 @@ def test_sample_cli_from_checkpoint_run_and_registry(faces64, heldout, tmp_path,
     from gan.checkpoint import generator_from_state, load_state
     from gan.config import flatten
     from jobs import sample
-    from jobs.tracking import log_generator, start_run
+    from jobs.publish import log_generator
+    from jobs.tracking import start_run
 
     cfg = _cfg(faces64, heldout, tmp_path, steps=5)
     cfg.eval.every_steps = 0

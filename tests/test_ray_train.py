@@ -366,3 +366,28 @@ def test_logged_fid_is_that_of_the_logged_generator(faces64, tmp_path, mlflow_st
                             cache=str(tmp_path / "c"))
     assert again["n_real"] == again["n_fake"] == 64
     assert again["fid"] == pytest.approx(fid[step], rel=1e-3)
+
+
+def test_generators_published_while_ranks_train_all_load(faces64, tmp_path, mlflow_store, root_cwd, capsys):
+    """2 DDP workers evaluate every 4 steps for 64 steps: new best generators are published
+    while many more steps follow on both ranks. The run ends FINISHED, every published version
+    loads and runs."""
+    from mlflow.entities import RunStatus
+
+    assert train_job.main(_args(faces64, tmp_path / "runs", "publishing", 64, "--eval.every_steps=4",
+                                "--eval.extractor=pixels", "--eval.num_samples=64",
+                                "--eval.register_as=published-race", "--train.checkpoint_every=8")) == 0
+    run_id = capsys.readouterr().out.split("run_id: ")[1].split()[0]
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.FINISHED)
+    versions = sorted(client.search_model_versions("name='published-race'"), key=lambda v: int(v.version))
+    steps = [int(v.description.split("step ")[1].split(",")[0]) for v in versions]
+    assert len(versions) >= 2 and steps == sorted(steps) and steps[0] < 48, steps
+    fid = {m.step: m.value for m in client.get_metric_history(run_id, "fid")}
+    assert steps == [s for s in sorted(fid) if fid[s] < min([fid[t] for t in fid if t < s], default=float("inf"))]
+    z = torch.rand(4, 100) * 2 - 1
+    mlflow.set_tracking_uri(mlflow_store)  # models:/ resolves through the global URI, which other tests set
+    for v in versions:
+        G = mlflow.pytorch.load_model(f"models:/published-race/{v.version}")
+        out = G(z)
+        assert out.shape == (4, 3, 64, 64) and torch.isfinite(out).all()

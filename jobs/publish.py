@@ -1,0 +1,133 @@
+"""A generator becomes an MLflow model in a child process, never on a thread of a training one.
+
+MLflow's pt2 format runs ``torch.export``, which traces by patching ``nn.Module.__call__`` and
+setting ``torch.compiler.is_exporting()`` for the *whole process*: a forward pass that another
+thread runs meanwhile is captured by the tracer or refused (DDP: "Non-recursive
+torch.compiler.disable is not supported with torch.export"). So the tracking thread only moves
+bytes: :func:`publish` writes the weights to a temporary file and runs
+
+    python -m jobs.publish REQUEST
+
+which builds a fresh generator, exports and logs it (and registers it), then exits. Training
+pays for the copy of the weights to the host (milliseconds); the export's seconds are spent in
+the child (``benchmarks/export.py`` measures both).
+
+A refusal that MLflow will repeat (its ``error_code``) comes back as :class:`PublishError` with
+that code, so the tracking thread drops it; anything else (an unreachable server) is retried.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gan.config import ModelConfig
+
+MODEL_PATH = "generator"
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 900  # a child that hangs (a server that accepts but never answers) is retried
+_ERROR = "facegan-publish-error: "
+
+
+class PublishError(RuntimeError):
+    def __init__(self, message: str, error_code: str | None = None):
+        super().__init__(message)
+        self.error_code = error_code  # MLflow's, when the server refused the request
+
+
+def publish(tracking_uri: str, run_id: str, state: dict[str, torch.Tensor], model_cfg: ModelConfig | dict,
+            register_as: str = "", description: str = "") -> None:
+    """Logs the generator with weights ``state`` (host tensors) as the run's model, from a child
+    process; returns when it is in MLflow, raises :class:`PublishError` otherwise."""
+    model = dataclasses.asdict(model_cfg) if isinstance(model_cfg, ModelConfig) else dict(model_cfg)
+    with tempfile.TemporaryDirectory(prefix="facegan-publish-") as tmp:
+        request = Path(tmp) / "request.pt"
+        torch.save({"state": state, "model": model, "tracking_uri": tracking_uri, "run_id": run_id,
+                    "register_as": register_as, "description": description}, request)
+        # The child finds this checkout's packages wherever the worker's working directory is.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        try:
+            proc = subprocess.run([sys.executable, "-m", "jobs.publish", str(request)], env=env,
+                                  capture_output=True, text=True, timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise PublishError(f"publishing the generator took over {TIMEOUT_S} s") from None
+    if proc.returncode == 0:
+        return
+    lines = (proc.stderr or "").strip().splitlines()
+    for line in reversed(lines):
+        if line.startswith(_ERROR):
+            err = json.loads(line[len(_ERROR):])
+            raise PublishError(err["message"], err.get("error_code"))
+    raise PublishError(f"the publishing process exited {proc.returncode}: {(lines or ['(no output)'])[-1][:300]}")
+
+
+def log_generator(tracking_uri: str, run_id: str, G, model_cfg: ModelConfig, register_as: str = "",
+                  description: str = "") -> None:
+    """The generator as an MLflow PyTorch model that runs at any batch size, exported in this
+    process: call it only where no other thread runs torch modules (a child of :func:`publish`,
+    or a tool that is not training).
+
+    Saved in MLflow's pt2 format (``torch.export``): a traced graph that loads without
+    unpickling anything, so opening a model from a shared tracking server runs no code from it.
+    The signature's batch dimension is -1, which MLflow 3.17 exports as dynamic: the loaded
+    graph takes any number of z's, 1 included (tested), in eval mode (BN running statistics).
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.models.signature import ModelSignature
+    from mlflow.tracking import MlflowClient
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from gan.models import Generator
+
+    # A fresh module with the trained weights: no compiled forward, device or layout in it.
+    clean = Generator(model_cfg)
+    clean.load_state_dict({k: v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()})
+    G, z_dim = clean.eval(), model_cfg.z_dim
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, z_dim))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, G.size, G.size))]))
+    example = (torch.rand(2, z_dim) * 2 - 1).numpy()
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        info = mlflow.pytorch.log_model(G, name=MODEL_PATH, serialization_format="pt2", signature=signature,
+                                        input_example=example,
+                                        registered_model_name=register_as or None,
+                                        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    if register_as and info.registered_model_version is not None:
+        # Each new best becomes the champion: models:/<name>@champion is always the best so far.
+        client = MlflowClient(tracking_uri)
+        version = str(info.registered_model_version)
+        client.update_registered_model(register_as, description=(
+            f"facegan DCGAN generator, {G.size} px: z ~ U(-1, 1) of shape (n, {z_dim}) in, images "
+            f"(n, 3, {G.size}, {G.size}) in [-1, 1] out. Alias 'champion': the best FID so far."))
+        client.update_model_version(register_as, version, description=description or "")
+        client.set_registered_model_alias(register_as, "champion", version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gan.models import Generator
+
+    (path,) = sys.argv[1:] if argv is None else argv
+    torch.set_num_threads(1)  # beside training: one core's worth, and only for seconds
+    req = torch.load(path, weights_only=True)
+    cfg = ModelConfig(**req["model"])
+    G = Generator(cfg)
+    G.load_state_dict(req["state"])
+    try:
+        log_generator(req["tracking_uri"], req["run_id"], G, cfg, req["register_as"], req["description"])
+    except Exception as e:  # noqa: BLE001 - the parent decides: MLflow's refusals are final, the rest retried
+        code = getattr(e, "error_code", None)
+        print(f"{_ERROR}{json.dumps({'message': str(e).splitlines()[0][:500] if str(e) else type(e).__name__, 'error_code': code})}",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
