@@ -84,6 +84,9 @@ class TrainConfig:
     checkpoint_every: int = 1000
     ema_decay: float = 0.0  # 0 disables the generator EMA
     threads: int = 0  # torch intra-op threads per worker; 0 leaves the default
+    # Replayable runs: the same config and seed on the same machine give bit-identical metrics
+    # and checkpoints (gan/determinism.py says what it takes, what it costs and where it cannot hold).
+    deterministic: bool = False
 
 
 @dataclass

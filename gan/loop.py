@@ -18,7 +18,7 @@ from torch import nn
 
 from datasets.loader import BatchSource, loader_workers
 from datasets.shards import ShardSet
-from gan import bn, perf
+from gan import bn, determinism, perf
 from gan.augment import AugmentState, parse
 from gan.config import Config, flatten
 from gan.checkpoint import FORMAT_VERSION
@@ -161,8 +161,12 @@ class _Meter:
 
 def train(cfg: Config, ctx: Context, data: BatchSource, evaluator: Evaluator | None = None) -> TrainResult:
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    with determinism.scope(t.deterministic, t.threads, cfg.scale.cpus_per_worker, ctx.device):
+        return _train(cfg, ctx, data, evaluator)
+
+
+def _train(cfg: Config, ctx: Context, data: BatchSource, evaluator: Evaluator | None) -> TrainResult:
+    t = cfg.train
     if data.image_size != cfg.model.size:
         raise ValueError(f"data.path {cfg.data.path} holds {data.image_size}px faces, "
                          f"model.size is {cfg.model.size}")
@@ -171,7 +175,8 @@ def train(cfg: Config, ctx: Context, data: BatchSource, evaluator: Evaluator | N
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     G, D = build(cfg.model)
     G, D = G.to(ctx.device), D.to(ctx.device)
-    on = perf.resolve(cfg.perf, ctx.device, ctx.world_size, bool(cfg.loss.diffaug))
+    on = determinism.restrict(perf.resolve(cfg.perf, ctx.device, ctx.world_size, bool(cfg.loss.diffaug)),
+                              t.deterministic)
     perf.set_layout(G, D, on)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     opt_g = perf.adam(G.parameters(), cfg.optim.lr_g, betas, on)

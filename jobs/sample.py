@@ -11,7 +11,6 @@ EMA generator when the run kept one.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from gan.config import from_flat
 from gan.context import CHECKPOINT_FILE
 from gan.images import grid, to_uint8
 from gan.models import sample_z
+from jobs.cli import Parser, positive_int
 
 
 class Exported(torch.nn.Module):
@@ -62,11 +62,11 @@ def load_generator(source: str) -> torch.nn.Module:
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p = Parser("jobs.sample", __doc__)
+    p.add_argument("--model", required=True, help="runs:/…/generator, models:/name/version|@alias, or a checkpoint")
+    p.add_argument("--out", required=True, help="folder for grid.png and sample_NNN.png (created)")
+    p.add_argument("--n", type=positive_int, default=64, help="faces to draw")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents")
     p.add_argument("--interpolate", type=int, default=0, help="frames per interpolation (0: none)")
     a = p.parse_args(argv)
     from jobs.specs import SpecError, load_generator as load_or_explain

@@ -13,7 +13,6 @@ directory) before any Ray resource is requested; errors are one line and exit st
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from datasets.shards import ShardError, ShardSet, is_uri
 from datasets.synthetic import ensure_generated
 from gan.checkpoint import CheckpointError
 from gan.config import Config, ConfigError, flatten, from_flat, load, validate, worker_resources
+from jobs.cli import Parser
+from jobs.plan import plan_line
 from jobs.preflight import check_evaluation, exists, local_home, ray_storage, refuse_relative_under_submit, writable
 
 
@@ -42,13 +43,16 @@ class Plan:
     resume: bool
     evaluation: dict | None = None  # what the FID means (extractor, sha1, protocol, held-out set)
     preset: str = ""
+    faces: int = 0  # in the training shards
+    dry_run: bool = False  # print the plan and stop
 
 
 def prepare(argv: list[str] | None) -> Plan:
     """Parses, validates and resolves everything; touches no Ray resource."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a TOML preset from configs/")
+    p = Parser("jobs.train", __doc__)
+    p.add_argument("--config", help="a TOML preset from configs/ (without one: the defaults, a long run)")
     p.add_argument("--resume", action="store_true", help="continue run.name from its last checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="check everything, print the plan, start nothing")
     args, rest = p.parse_known_args(argv)
     cfg = validate(load(args.config, rest))
     from jobs.tracking import check_reachable, resolve_tracking_uri
@@ -91,7 +95,8 @@ def prepare(argv: list[str] | None) -> Plan:
     # After the checks that write nothing (a config that fails there creates no directory),
     # before the real side of FID is cached under it.
     writable(storage, "run.storage_path")
-    return Plan(cfg, name, storage, args.resume, check_evaluation(cfg), args.config or "")
+    return Plan(cfg, name, storage, args.resume, check_evaluation(cfg), args.config or "", shards.count,
+                args.dry_run)
 
 
 def _quiet_reports() -> None:
@@ -203,6 +208,9 @@ def build_trainer(plan: Plan, tracking_uri: str, run_id: str, extra: dict | None
 
 def run(argv: list[str] | None = None) -> dict:
     plan = prepare(argv)
+    print(plan_line(plan.cfg, plan.preset, total_steps_of(plan.cfg), plan.faces), flush=True)
+    if plan.dry_run:
+        return {}
 
     import ray
 
@@ -336,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {known}", file=sys.stderr)
         return 1
+    if not out:  # --dry-run
+        return 0
     print(f"run_id: {out['run_id']}")
     print(f"tracking_uri: {out['tracking_uri']}")
     print(f"checkpoints: {out['run_dir']}")

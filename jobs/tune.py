@@ -12,7 +12,6 @@ per trial, the best trial tagged, ``results.csv`` and ``best_config.toml`` on th
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import importlib.util
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gan.config import Config, ConfigError, apply, flatten, from_flat, load, validate
+from jobs.cli import Parser
 from jobs.preflight import exists as storage_exists, ray_storage
 
 DERIVED = {"optim.lr_ratio", "loss.real_label_hi_frac"}
@@ -60,11 +60,16 @@ def load_sweep(path: str) -> Sweep:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
-    doc = tomllib.loads(p.read_text())
-    opts, space, overrides = doc.get("sweep", {}), doc.get("space", {}), doc.get("config", {})
+    try:
+        doc = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
     for top in doc:
         if top not in ("sweep", "space", "config"):
             raise ConfigError(f"{path}: unknown table [{top}]; expected [sweep], [space] and [config]")
+        if not isinstance(doc[top], dict):
+            raise ConfigError(f"{path}: {top} must be a [{top}] table, got {doc[top]!r}")
+    opts, space, overrides = doc.get("sweep", {}), doc.get("space", {}), doc.get("config", {})
     apply(Config(), overrides, where=f"{path}: [config] ")  # a typo fails here, by name
     known = set(Sweep.__dataclass_fields__) - {"space", "config"}
     for k, v in opts.items():
@@ -83,13 +88,20 @@ def load_sweep(path: str) -> Sweep:
         if key not in fields:
             raise ConfigError(f"{where}: unknown field; expected section.field from the config or "
                               f"{', '.join(sorted(DERIVED))}")
+        if not isinstance(spec, dict):
+            raise ConfigError(f'{where}: expected a table such as {{ type = "loguniform", low = 1e-4, high = 1e-3 }} '
+                              f'or {{ type = "choice", values = [...] }}, got {spec!r}')
         kind = spec.get("type")
         if kind not in KINDS:
             raise ConfigError(f"{where}: type must be one of {', '.join(KINDS)}, got {kind!r}")
         if kind == "choice":
-            if not spec.get("values"):
-                raise ConfigError(f"{where}: empty choice")
-        elif not spec.get("low", 0) < spec.get("high", 0) or (kind == "loguniform" and spec["low"] <= 0):
+            if not isinstance(spec.get("values"), list) or not spec["values"]:
+                raise ConfigError(f"{where}: values must be a non-empty list, got {spec.get('values')!r}")
+            continue
+        if not all(isinstance(spec.get(b), (int, float)) and not isinstance(spec.get(b), bool) for b in ("low", "high")):
+            raise ConfigError(f"{where}: low and high must be numbers, got low={spec.get('low')!r} "
+                              f"high={spec.get('high')!r}")
+        if not spec["low"] < spec["high"] or (kind == "loguniform" and spec["low"] <= 0):
             raise ConfigError(f"{where}: empty or invalid range low={spec.get('low')} high={spec.get('high')}")
     lo, frac = space.get("loss.real_label_lo"), space.get("loss.real_label_hi_frac")
     if lo and lo.get("type") != "choice" and not (0 <= lo["low"] and lo["high"] <= 1):
@@ -297,10 +309,10 @@ def reporter(sweep: Sweep):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True)
-    p.add_argument("--sweep", required=True)
-    p.add_argument("--resume", action="store_true")
+    p = Parser("jobs.tune", __doc__)
+    p.add_argument("--config", required=True, help="the base preset every trial starts from")
+    p.add_argument("--sweep", required=True, help="the sweep file: [sweep], [space], [config] (configs/sweeps/)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep after an interruption")
     p.add_argument("--max-identity-auc", type=float, default=None,
                    help="the best config must have identity_auc <= this (needs the identity audit)")
     args, rest = p.parse_known_args(argv)
