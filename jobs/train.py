@@ -2,7 +2,7 @@
 
     python -m jobs.train --config configs/smoke.toml [--section.field=value ...] [--resume]
 
-On a running cluster (see infra/README.md):
+On a running cluster (see docs/cluster.md):
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python -m jobs.train --config configs/smoke.toml

@@ -48,7 +48,7 @@ def test_wrong_type_in_toml_names_file_and_field(tmp_path):
 
 @pytest.mark.parametrize("overrides, needle", [
     (["--model.size=96"], "model.size: must be 64 or 128, got 96"),
-    (["--train.batch_size=63"], "train.batch_size: 63 is not divisible by scale.num_workers=2"),
+    (["--scale.num_workers=2", "--train.batch_size=63"], "train.batch_size: 63 is not divisible by scale.num_workers=2"),
     (["--loss.real_label_lo=0.95", "--loss.real_label_hi=0.9"], "need 0 <= lo <= hi <= 1"),
     (["--optim.lr_d=0"], "optim.lr_d: must be > 0"),
     (["--scale.worker_resources=trainer"], "scale.worker_resources: must be name=amount"),
@@ -97,7 +97,7 @@ def test_unreachable_tracking_server_is_one_line_in_seconds(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--train.batch_size=63"], "train.batch_size: 63 is not divisible by scale.num_workers=2"),
+    (["--scale.num_workers=2", "--train.batch_size=63"], "train.batch_size: 63 is not divisible by scale.num_workers=2"),
     (["--model.size=96"], "model.size: must be 64 or 128"),
     (["--train.bogus=1"], "unknown config key 'train.bogus'"),
     (["--data.source=shards", "--data.path=nowhere"], "nowhere does not exist"),

@@ -50,7 +50,7 @@ def test_ray_job_submit_lands_in_mlflow(ray_head, mlflow_server, faces64, tmp_pa
          "--train.batch_size=16", "--train.max_steps=12", "--train.log_every=4",
          "--eval.every_steps=12", "--eval.num_samples=32", "--eval.register_as=submitted-g",
          f"--run.storage_path={tmp_path / 'runs'}", "--run.name=submitted",
-         "--scale.cpus_per_worker=0.5"],
+         "--scale.num_workers=2", "--scale.cpus_per_worker=0.5"],
         env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout

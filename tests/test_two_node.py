@@ -108,7 +108,7 @@ def test_two_nodes_s3_storage_and_a_killed_worker(cluster, mlflow_s3, s3_env, fa
            "--data.source=shards", f"--data.path={faces64}", "--model.width=0.0625", "--train.batch_size=16",
            "--train.max_steps=200", "--train.epochs=50", "--train.log_every=10", "--train.checkpoint_every=20",
            "--eval.every_steps=200", "--eval.num_samples=32", f"--run.storage_path=s3://{BUCKET}/runs",
-           "--run.name=twonode", "--scale.max_failures=1", "--scale.cpus_per_worker=0.5",
+           "--run.name=twonode", "--scale.max_failures=1", "--scale.num_workers=2", "--scale.cpus_per_worker=0.5",
            "--scale.worker_resources=trainer=1"]
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
