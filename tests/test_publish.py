@@ -153,3 +153,18 @@ def test_only_the_training_thread_runs_modules(faces64, mlflow_store, tmp_path):
     mlflow.set_tracking_uri(mlflow_store)
     G = mlflow.pytorch.load_model(f"runs:/{run_id}/generator")
     assert torch.isfinite(G(torch.rand(2, cfg.model.z_dim) * 2 - 1)).all()
+
+
+def test_a_refused_publication_comes_back_with_mlflows_code(mlflow_store):
+    """The child's failure reaches the tracking thread as one PublishError carrying MLflow's
+    error code, so a refusal the server will repeat is dropped, not retried forever."""
+    from jobs.publish import PublishError, publish
+    from jobs.spool import permanent
+
+    cfg = Config()
+    cfg.model.width = 0.0625
+    G, _ = build(cfg.model)
+    with pytest.raises(PublishError) as err:
+        publish(mlflow_store, "0" * 32, G.state_dict(), cfg.model)
+    assert err.value.error_code == "RESOURCE_DOES_NOT_EXIST" and permanent(err.value)
+    assert "Traceback" not in str(err.value) and len(str(err.value).splitlines()) == 1
