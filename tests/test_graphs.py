@@ -75,7 +75,7 @@ def test_where_graphs_apply():
 
 @pytest.mark.parametrize("overrides, needle", [
     (["--perf.cuda_graphs=on"], "perf.cuda_graphs: on needs scale.use_gpu=true"),
-    (["--perf.cuda_graphs=on", "--scale.use_gpu=true"], "perf.cuda_graphs: on is not supported with DDP"),
+    (["--perf.cuda_graphs=on", "--scale.use_gpu=true", "--scale.num_workers=2"], "perf.cuda_graphs: on is not supported with DDP"),
     (["--perf.cuda_graphs=sometimes"], "perf.cuda_graphs: must be auto, on or off"),
 ])
 def test_config_refuses_before_any_worker(overrides, needle):
