@@ -105,7 +105,7 @@ def test_mlflow_run_holds_params_metrics_grids_and_model(straight_run):
     client = MlflowClient(straight_run["tracking_uri"])
     run = client.get_run(straight_run["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["optim.lr_d"] == "4e-05" and run.data.params["model.size"] == "64"
+    assert run.data.params["optim.lr_d"] == "0.0004" and run.data.params["model.size"] == "64"
     assert run.data.params["scale.num_workers"] == "2"
     for key in ("d_loss", "g_loss", "d_real", "d_fake", "img_per_s"):
         assert _steps(client, run.info.run_id, key) == list(range(5, 41, 5)), key
