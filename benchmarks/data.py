@@ -22,14 +22,14 @@ import zipfile
 import numpy as np
 from PIL import Image
 
+from datasets.celeba import DEFAULT_CROP
 from datasets.shards import ENCODINGS, ShardSet, ShardWriter
+from datasets.synthetic import draw_face
 
 
 def _faces(src: str | None, n: int, size: int) -> list[np.ndarray]:
     if src is None:
-        from datasets.synthetic import draw_face
         return [draw_face(i, size) for i in range(n)]
-    from datasets.celeba import DEFAULT_CROP
     z = zipfile.ZipFile(src)
     names = sorted(i.filename for i in z.infolist() if i.filename.endswith(".jpg"))[:n]
     out = []

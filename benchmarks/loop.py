@@ -27,11 +27,11 @@ import torch
 
 from benchmarks.quality import ensure_data
 from benchmarks.train_step import SEED_RUN_IMAGES, ProjectStep, _sync
+from compose import train_from_config
 from datasets.loader import loader_workers
 from gan import perf
 from gan.config import Config, ConfigError, apply, validate
 from gan.context import LocalContext
-from gan.loop import train_local
 
 
 def loop_config(a, data: str, storage: str) -> Config:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = loop_config(a, str(data / "train"), tmp)
             ctx = LocalContext(tmp, device=device, resume=False)
-            train_local(cfg, ctx)
+            train_from_config(cfg, ctx)
             loop = loop_rate(ctx.history, a.warmup, a.batch)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

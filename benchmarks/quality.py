@@ -9,7 +9,7 @@ The CPU protocol: the CelebA sample (``--data``, or ``../shared/data/celeba-samp
 at ``--size`` into ``data/celeba{size}``), the seed's architecture at ``--width`` (1/8), batch
 64, ``--epochs`` (20) over the 4,560 training faces (1,420 steps, ~7 minutes a run on 2 cores),
 ``LocalContext`` (one process, no Ray, no MLflow). Each run's final generator (the EMA when the
-variant keeps one) is scored through the project's own evaluation (gan/evaluate.py): FID and KID
+variant keeps one) is scored through the project's own evaluation (evaluation/fid.py): FID and KID
 of ``--n`` (512) samples against the held-out ``val`` faces with the standard FID Inception.
 Variants run one after another in this process with fixed seeds; ``--seeds 2`` shows the
 run-to-run spread. Prints one JSON line per run, then a table (mean ± half-range over seeds),
@@ -33,12 +33,13 @@ from pathlib import Path
 
 import torch
 
+from compose import train_from_config
+from datasets.celeba import main as convert
 from datasets.shards import ShardSet
-from gan.config import Config, ConfigError, apply, validate
+from evaluation.fid import Evaluator, build_extractor
+from gan.config import Config, ConfigError, apply, flatten, load, validate
 from gan.context import LocalContext
-from gan.evaluate import Evaluator, build_extractor
 from gan.images import grid, to_uint8
-from gan.loop import train_local
 from gan.models import sample_z
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,8 +70,6 @@ PROTOCOL_FIELDS = {"model.size", "model.width"}
 
 
 def preset_recipe(path: Path) -> dict:
-    from gan.config import flatten, load
-
     cfg, default = flatten(load(path)), flatten(Config())
     return {k: v for k, v in cfg.items() if (k.split(".")[0] in RECIPE_SECTIONS or k in RECIPE_EXTRA)
             and k not in PROTOCOL_FIELDS and v != default[k]}
@@ -99,8 +98,6 @@ def ensure_data(data: str | None, size: int) -> Path:
         return Path(data)
     out = ROOT / "data" / f"celeba{size}"
     if not (out / "val" / "manifest.json").is_file():
-        from datasets.celeba import main as convert
-
         if not (SAMPLE / "img_align_celeba.zip").is_file():
             raise ConfigError(f"--data: no shard set given and no CelebA sample at {' or '.join(map(str, SAMPLES))}")
         rc = convert(["--src", str(SAMPLE / "img_align_celeba.zip"), "--partition",
@@ -126,7 +123,7 @@ def run_one(name: str, overrides: dict, seed: int, data: Path, a, extractor, out
     with tempfile.TemporaryDirectory() as tmp:
         cfg = protocol_config(data, a, overrides, seed, tmp)
         t0 = time.perf_counter()
-        res = train_local(cfg, LocalContext(tmp, device=a.device, resume=False))
+        res = train_from_config(cfg, LocalContext(tmp, device=a.device, resume=False))
         train_s = time.perf_counter() - t0
         ev = Evaluator(extractor, ShardSet(data / "val"), a.n, 0, 1, torch.device(a.device),
                        ROOT / "runs" / "feature_cache", seed=0)

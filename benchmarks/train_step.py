@@ -37,7 +37,6 @@ from gan.graphs import GraphedStep
 from gan.models import build
 from gan.step import Nets, train_step
 
-
 # The reference run: 60 epochs over CelebA's official train split. seed_run_h is its projected
 # time at this rate (meaningful at --size 128 --width 1, the seed's setting).
 CELEBA_TRAIN = 162_770

@@ -42,10 +42,23 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
+from pyarrow.fs import FileSelector
 from tqdm import tqdm
 
-from datasets.shards import (ENCODINGS, MANIFEST, META_KEY, ShardError, ShardWriter, encode, ensure_dir, is_file, open_fs,
-                             sha256_file, shard_name, write_bytes)
+from datasets.shards import (
+    ENCODINGS,
+    MANIFEST,
+    META_KEY,
+    ShardError,
+    ShardWriter,
+    encode,
+    ensure_dir,
+    is_file,
+    open_fs,
+    sha256_file,
+    shard_name,
+    write_bytes,
+)
 
 EXPECTED = (178, 218)
 DEFAULT_CROP = (25, 50, 153, 178)
@@ -310,7 +323,6 @@ def _identity_counts(splits: dict[str, list[str]], identities: dict[str, int], r
 
 def _drop_stale_shards(fs, path: str, n: int) -> None:
     """Shards past the new count (an earlier run with smaller shards) would confuse a reader."""
-    from pyarrow.fs import FileSelector
 
     for info in fs.get_file_info(FileSelector(path)):
         name = info.base_name

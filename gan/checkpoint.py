@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from gan.models import Generator
+
 FORMAT_VERSION = 1
 
 
@@ -150,7 +152,6 @@ def load_state(path: str | Path) -> dict[str, Any]:
 
 def generator_from_state(state: dict[str, Any], model_cfg, use_ema: bool = True) -> torch.nn.Module:
     """The (EMA, when present) generator of a checkpoint, in eval mode on the CPU."""
-    from gan.models import Generator
 
     G = Generator(model_cfg)
     G.load_state_dict(state["ema"] if use_ema and state.get("ema") is not None else state["G"])

@@ -7,11 +7,14 @@ fails the same way everywhere, before any cluster resource is requested.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
+
+from gan.augment import parse
 
 
 class ConfigError(ValueError):
@@ -94,14 +97,14 @@ class EvalConfig:
     every_steps: int = 0  # FID/KID every N steps and at the end; 0 turns evaluation off
     num_samples: int = 2000
     metric: str = "fid"  # "fid" or "kid": which one picks the best generator
-    extractor: str = "inception"  # "inception" (standard FID, gan/inception.py) or "pixels" (tests)
+    extractor: str = "inception"  # "inception" (standard FID, evaluation/inception.py) or "pixels" (tests)
     inception_weights: str = ""  # another TorchScript FID Inception file; env FACEGAN_INCEPTION_WEIGHTS
     real_path: str = ""  # held-out shards; empty: the "val" set beside data.path, else data.path
     batch_size: int = 100
     kid_subset_size: int = 1000
     register_as: str = ""  # register the best generator under this model name
     audit_samples: int = 0  # > 0: memorization audit of the final generator with this many samples
-    # Identity-leak audit of the final generator (gan/identity.py) when the evaluation is on:
+    # Identity-leak audit of the final generator (evaluation/identity.py) when the evaluation is on:
     # "auto" runs it when the training and held-out shards have identities and the privacy extra
     # is installed, "on" requires both (checked before Ray starts), "off".
     identity_audit: str = "auto"
@@ -211,17 +214,23 @@ def apply(cfg: Config, values: dict[str, Any], where: str = "") -> Config:
     return cfg
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """A TOML file's tables, or a one-line ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the TOML preset, then ``--section.field=value`` overrides."""
     cfg = Config()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            doc = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        doc = read_toml(path, "config file")
         flat = {}
         for section, body in doc.items():
             if not isinstance(body, dict):
@@ -247,6 +256,22 @@ def flatten(cfg: Config) -> dict[str, Any]:
     return {
         f"{name}.{k}": v for name, sec in _sections(cfg).items() for k, v in dataclasses.asdict(sec).items()
     }
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as a preset (``[section]`` tables): ``load`` reads back the same config."""
+    flat = flatten(cfg)
+    return "\n".join(f"[{sec}]\n" + "".join(f"{k.split('.', 1)[1]} = {_toml_value(v)}\n" for k, v in flat.items()
+                                           if k.startswith(sec + "."))
+                     for sec in dict.fromkeys(k.split(".")[0] for k in flat))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return '"nan"'
+    return repr(v) if not isinstance(v, str) else json.dumps(v)
 
 
 def from_flat(values: dict[str, Any]) -> Config:
@@ -342,7 +367,6 @@ def validate(cfg: Config) -> Config:
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
-    from gan.augment import parse
 
     try:
         parse(lo.diffaug)

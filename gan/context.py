@@ -1,7 +1,7 @@
 """The seam between the pure training core and whatever launches it.
 
 The loop sees only a :class:`Context`: rank, world size, device, ``wrap`` (DDP, in this one
-place), ``load_checkpoint``, ``report`` (metrics, checkpoint, artifacts) and ``should_stop``.
+place), ``load_checkpoint``, ``report`` (a typed :class:`~gan.report.Report`) and ``should_stop``.
 Launchers implement it: :class:`LocalContext` here (tests, benchmarks, single-process runs),
 and the Ray Train context in ``jobs/``.
 """
@@ -10,16 +10,16 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from gan.checkpoint import BackgroundWriter, load_state, save_state, to_host
+from gan.report import Report
 
 CHECKPOINT_FILE = "checkpoint.pt"
-StateFn = Callable[[], dict[str, Any]]
 
 
 class Context(Protocol):
@@ -31,14 +31,10 @@ class Context(Protocol):
 
     def load_checkpoint(self) -> dict[str, Any] | None: ...
 
-    def report(self, step: int, metrics: dict[str, float], checkpoint: StateFn | None = None,
-               artifacts: dict[str, bytes] | None = None, model: nn.Module | None = None,
-               tags: dict[str, str] | None = None) -> None:
-        """Called by every rank at the same steps. ``checkpoint`` is a function so that only
-        the rank that writes pays for building the state; ``artifacts`` maps a relative path
-        (``samples/epoch_001.png``) to bytes; ``model`` is a new best generator to publish;
-        ``tags`` are run tags (training-health flags). A checkpoint's state is taken before
-        ``report`` returns; writing it may go on in the background (see ``flush``)."""
+    def report(self, report: Report) -> None:
+        """Called by every rank at the same steps. The report's ``checkpoint`` is a function so
+        that only the rank that writes pays for building the state; its state is taken before
+        ``report`` returns, writing it may go on in the background (see ``flush``)."""
 
     def flush(self) -> None:
         """Returns once every checkpoint handed to ``report`` is written, or raises the error
@@ -99,13 +95,15 @@ class TorchDistributedContext:
 
 
 class LocalContext(TorchDistributedContext):
-    """Checkpoints and artifacts in a local directory; metrics kept in ``history``."""
+    """Checkpoints and artifacts in a local directory; every report's summary kept in ``reports``,
+    the charted values (metrics and scores) in ``history``."""
 
     def __init__(self, out_dir: str | Path, device: torch.device | str | None = None, resume: bool = True):
         super().__init__(device)
         self.out = Path(out_dir)
         self.resume = resume
         self.history: list[tuple[int, dict[str, float]]] = []
+        self.reports: list[Report] = []  # summaries: no checkpoint, artifacts or model
         self.checkpoint_steps: list[int] = []
         self.best_steps: list[int] = []
         self.tags: dict[str, str] = {}
@@ -119,20 +117,24 @@ class LocalContext(TorchDistributedContext):
         path = self.out / CHECKPOINT_FILE
         return load_state(path) if self.resume and path.is_file() else None
 
-    def report(self, step, metrics, checkpoint=None, artifacts=None, model=None, tags=None) -> None:
-        if metrics:
-            self.history.append((step, dict(metrics)))
+    def report(self, report: Report) -> None:
+        step = report.step
+        self.reports.append(Report.from_summary(report.summary()))
+        if report.logged():
+            self.history.append((step, report.logged()))
         if self.rank != 0:
             return
-        self.tags |= tags or {}
-        if model is not None:
-            save_state({"step": step, "G": model.state_dict(), "format": 1}, self.out / "best_generator.pt")
+        self.tags |= report.tags
+        if report.diverged:
+            self.tags["facegan.failed_reason"] = report.diverged
+        if report.model is not None:
+            save_state({"step": step, "G": report.model.state_dict(), "format": 1}, self.out / "best_generator.pt")
             self.best_steps.append(step)
-        if checkpoint is not None:
-            state = to_host(checkpoint())  # now, on this thread; serialising and writing in the background
+        if report.checkpoint is not None:
+            state = to_host(report.checkpoint())  # now, on this thread; serialising and writing in the background
             self.writer.submit(lambda: save_state(state, self.out / CHECKPOINT_FILE))
             self.checkpoint_steps.append(step)
-        for rel, data in (artifacts or {}).items():
+        for rel, data in report.artifacts.items():
             path = self.out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")

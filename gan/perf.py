@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gan import graphs
+
 SWITCHES = ("bf16", "channels_last", "compile", "fused_adam", "tf32", "cuda_graphs")
 CHOICES = ("auto", "on", "off")
 
@@ -29,7 +31,6 @@ def enabled(setting: str, device: torch.device) -> bool:
 
 def resolve(perf, device: torch.device, world_size: int = 1, augmenting: bool = False) -> dict[str, bool]:
     """The switches as they apply on ``device`` (for a job of ``world_size`` processes)."""
-    from gan import graphs
 
     on = {name: enabled(getattr(perf, name), device) for name in SWITCHES}
     return on | {"cuda_graphs": graphs.resolve(perf.cuda_graphs, device, world_size, augmenting)}

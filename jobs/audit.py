@@ -1,8 +1,8 @@
-"""Memorization audit (method: gan/audit.py): do generated faces copy training faces?
+"""Memorization audit (method: evaluation/memorization.py): do generated faces copy training faces?
 
-    python -m jobs.audit --fake SPEC --train SHARDS --heldout SHARDS [--n 1000] [--space inception|pixels]
+    python -m jobs.audit --model SPEC --train SHARDS --heldout SHARDS [--n 1000] [--extractor inception|pixels]
     python -m jobs.audit --run <run_id> [--n 1000]       # SPEC, train and held-out from the run; logged to it
-    python -m jobs.audit --identity --fake SPEC --train SHARDS --heldout SHARDS [--fpir 0.01]   # people, not photos
+    python -m jobs.audit --identity --model SPEC --train SHARDS --heldout SHARDS [--fpir 0.01]   # people, not photos
 
 SPEC as in jobs.fid: a shard set, an image folder, ``runs:/…``, ``models:/…`` or a checkpoint.
 Every training face is searched. Prints one JSON line (``fraction_memorized``, ``flagged``,
@@ -12,7 +12,7 @@ Every training face is searched. Prints one JSON line (``fraction_memorized``, `
 when flagged, 2 on an error (one line): held-out faces that share rows with the training set, a
 run without a held-out set, an unreadable SPEC.
 
-``--identity`` audits people instead of photos (gan/identity.py, jobs/identity_audit.py): it
+``--identity`` audits people instead of photos (evaluation/identity.py, jobs/identity_audit.py): it
 needs shard sets with an identity column, held-out people disjoint from the training people
 (at least 10) and the privacy extra (``pip install -e ".[privacy]"``). Its JSON line holds
 ``identity_auc``, ``identity_match_rate``, ``heldout_match_rate``, ``threshold``, ``fpir``,
@@ -22,22 +22,26 @@ and ``identity_match_rate``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from mlflow.tracking import MlflowClient
 
+from compose import feature_cache, real_path
 from datasets.shards import ShardError, ShardSet
-from gan import audit as A
+from evaluation import memorization as A
+from evaluation.faceid import FaceIDError
+from evaluation.fid import build_extractor, features_of_rows
+from evaluation.inception import ExtractorError
 from gan.config import Config, ConfigError, apply, flatten
-from gan.evaluate import build_extractor, features_of_rows
-from gan.faceid import FaceIDError
 from gan.images import png_bytes
-from gan.inception import ExtractorError
-from jobs.specs import SpecError, fake_faces
+from jobs.cli import SPEC, Parser
+from jobs.identity_audit import run_identity_audit
+from jobs.specs import SpecError, fake_faces, sample_faces
+from jobs.tracking import Tracker, resolve_tracking_uri
 
 SPACES = ("inception", "pixels")
 
@@ -52,8 +56,6 @@ def run_audit(fake: str | torch.nn.Module, train: str, heldout: str, n: int = 10
     dev = torch.device(device)
     ext = build_extractor(space, weights).to(dev)
     if isinstance(fake, torch.nn.Module):
-        from jobs.specs import sample_faces
-
         blocks = sample_faces(fake, n, seed, batch, dev)
     else:
         blocks = fake_faces(fake, n, seed, batch, dev)
@@ -90,31 +92,27 @@ def run_config(params: dict[str, str]) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", help="MLflow run id: fills --fake, --train and --heldout, and logs the audit")
-    p.add_argument("--fake")
-    p.add_argument("--train")
-    p.add_argument("--heldout")
-    p.add_argument("--n", "--samples", dest="n", type=int, default=1000)
-    p.add_argument("--space", choices=SPACES, default=None, help="feature space (default: the run's, or inception)")
-    p.add_argument("--percentile", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p = Parser("jobs.audit", __doc__, renamed={"--fake": "--model", "--space": "--extractor", "--samples": "--n"})
+    p.add_argument("--run", help="MLflow run id: fills --model, --train and --heldout, and logs the audit")
+    p.model(f"the faces to audit: {SPEC}, a shard set or an image folder (default with --run: its generator)",
+            required=False)
+    p.add_argument("--train", help="the training faces: a shard set (default with --run: its data.path)")
+    p.add_argument("--heldout", help="held-out faces: a shard set (default with --run: its held-out set)")
+    p.n(1000, "generated faces to audit")
+    p.add_argument("--extractor", choices=SPACES, default=None, help="feature space (default: the run's, or inception)")
+    p.add_argument("--percentile", type=float, default=1.0, help="the held-out distance percentile that calls a copy")
+    p.seed()
     p.add_argument("--out", help="also write summary.json and closest_pairs.png here")
     p.add_argument("--cache", default=None, help="feature cache (default: the run's, or runs/feature_cache)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.device()
     p.add_argument("--identity", action="store_true", help="the identity-leak audit (people, not photos)")
     p.add_argument("--fpir", type=float, default=0.01, help="--identity: the calibrated false-positive identification rate")
     p.add_argument("--processes", type=int, default=None, help="--identity: face-matcher processes (default: one per core)")
     a = p.parse_args(argv)
     tracker = None
     try:
-        fake, train, heldout, space, cache, weights = a.fake, a.train, a.heldout, a.space, a.cache, ""
+        fake, train, heldout, space, cache, weights = a.model, a.train, a.heldout, a.extractor, a.cache, ""
         if a.run:
-            from mlflow.tracking import MlflowClient
-
-            from gan.loop import feature_cache, real_path
-            from jobs.tracking import Tracker, resolve_tracking_uri
-
             uri = resolve_tracking_uri()
             try:
                 cfg = run_config(MlflowClient(uri).get_run(a.run).data.params)
@@ -127,10 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             cache, weights = cache or feature_cache(cfg), cfg.eval.inception_weights
             tracker = Tracker(uri, a.run)
         if not (fake and train and heldout):
-            raise SpecError("give --run, or all of --fake, --train and --heldout")
+            raise SpecError("give --run, or all of --model, --train and --heldout")
         if a.identity:
-            from jobs.identity_audit import run_identity_audit
-
             report, picture = run_identity_audit(fake, train, heldout, a.n, a.seed, a.fpir, cache=cache or "runs/feature_cache",
                                                  device=a.device, processes=a.processes)
         else:

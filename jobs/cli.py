@@ -1,17 +1,55 @@
-"""What every ``python -m jobs.X`` shares: a parser whose errors are one line and exit 2."""
+"""What every ``python -m jobs.X`` shares: a parser whose errors are one line and exit 2, and
+the flags that mean the same thing in every job (one vocabulary):
+
+    --model SPEC   a generator: runs:/<id>/generator, models:/<name>/<version>|@<alias>, a checkpoint
+                   (file or folder); jobs.fid and jobs.audit also take faces (a shard set, an image folder)
+    --n N          how many faces         --seed S    the latents' seed (the evaluation's latents)
+    --device D     cpu, cuda, cuda:1      --batch B   faces per forward pass
+    --out DIR      where files are written (created)
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+
+import torch
+
+SPEC = "runs:/<id>/generator, models:/<name>/<version>|@<alias>, or a checkpoint (file or folder)"
 
 
 class Parser(argparse.ArgumentParser):
     """argparse with its defaults shown in ``--help`` and a bad argument reported as one line
     (``error: argument --n: ...``) instead of the usage block, exit status 2."""
 
-    def __init__(self, prog: str, doc: str | None):
+    def __init__(self, prog: str, doc: str | None, renamed: dict[str, str] | None = None):
         super().__init__(prog=f"python -m {prog}", description=doc,
                          formatter_class=_Help)
+        self.renamed = renamed or {}  # an old flag -> its new name: a one-line error says which
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        for a in args:
+            if (old := a.split("=", 1)[0]) in self.renamed:
+                self.error(f"{old} was renamed to {self.renamed[old]}")
+        return super().parse_known_args(args, namespace)
+
+    def model(self, what: str = SPEC, required: bool = True) -> None:
+        self.add_argument("--model", required=required, metavar="SPEC", help=what)
+
+    def n(self, default: int, what: str = "faces") -> None:
+        self.add_argument("--n", type=positive_int, default=default, help=what)
+
+    def seed(self) -> None:
+        self.add_argument("--seed", type=int, default=0,
+                          help="the latents' seed: the same seed and --n draw the same faces in every job "
+                               "(a run's in-training evaluation uses train.seed)")
+
+    def device(self) -> None:
+        self.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                          help="where the networks run: cpu, cuda, cuda:1")
+
+    def batch(self, default: int = 100) -> None:
+        self.add_argument("--batch", type=positive_int, default=default, help="faces per forward pass")
 
     def error(self, message: str):
         print(f"error: {message} (python -m {self.prog.split()[-1]} --help)", file=sys.stderr)

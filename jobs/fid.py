@@ -1,11 +1,11 @@
 """FID and KID of any faces against a held-out shard set, with the standard FID Inception.
 
-    python -m jobs.fid --real data/celeba64/val --fake runs:/<run_id>/generator [--n 1000]
-    python -m jobs.fid --real data/celeba64/val --fake data/celeba64/test        # real vs real: the floor
-    python -m jobs.fid --real SHARDS --fake models:/facegan@champion | CHECKPOINT | IMAGE_FOLDER
+    python -m jobs.fid --real data/celeba64/val --model runs:/<run_id>/generator [--n 1000]
+    python -m jobs.fid --real data/celeba64/val --model data/celeba64/test        # real vs real: the floor
+    python -m jobs.fid --real SHARDS --model models:/facegan@champion | CHECKPOINT | IMAGE_FOLDER
 
 Prints one JSON line: ``fid``, ``kid`` (and ``kid_std`` over 20 subsets), ``n_real``,
-``n_fake``, the extractor's sha1 and the protocol (gan/inception.py). ``--n`` fakes are scored
+``n_fake``, the extractor's sha1 and the protocol (evaluation/inception.py). ``--n`` fakes are scored
 (a generator is sampled on the evaluation's latents for ``--seed``, as in training, so the
 logged FID of a run is reproduced with the run's eval.num_samples and train.seed) against the
 first min(n, size) real faces, or ``--n-real``. Real-side features are cached under ``--cache``
@@ -15,7 +15,6 @@ Errors are one line, exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -24,8 +23,15 @@ import numpy as np
 import torch
 
 from datasets.shards import ShardError, ShardSet
-from gan.evaluate import EXTRACTORS, build_extractor, describe, features_of_rows, score_features
-from gan.inception import ExtractorError
+from evaluation.fid import (
+    EXTRACTORS,
+    build_extractor,
+    describe,
+    features_of_rows,
+    score_features,
+)
+from evaluation.inception import ExtractorError
+from jobs.cli import SPEC, Parser
 from jobs.specs import SpecError, fake_faces, kind_of
 
 
@@ -56,23 +62,23 @@ def compute(real: str, fake: str, n: int, n_real: int = 0, extractor: str = "inc
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser("jobs.fid", __doc__, renamed={"--fake": "--model"})
     p.add_argument("--real", required=True, help="held-out real faces: a shard set")
-    p.add_argument("--fake", required=True, help="shard set, image folder, runs:/…, models:/… or checkpoint")
-    p.add_argument("--n", type=int, default=1000, help="fake faces to score (default 1000)")
-    p.add_argument("--n-real", type=int, default=0, help="real faces (default: min(n, all))")
-    p.add_argument("--extractor", choices=EXTRACTORS, default="inception")
+    p.model(f"the faces to score: {SPEC}, a shard set or an image folder")
+    p.n(1000, "faces to score (at least 2)")
+    p.add_argument("--n-real", type=int, default=0, help="real faces (0: min(--n, all))")
+    p.add_argument("--extractor", choices=EXTRACTORS, default="inception", help="feature space")
     p.add_argument("--weights", default="", help="another TorchScript FID Inception file")
-    p.add_argument("--seed", type=int, default=0, help="latents' seed for a generator (a run's train.seed)")
-    p.add_argument("--batch", type=int, default=100)
-    p.add_argument("--cache", default="runs/feature_cache")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.seed()
+    p.batch()
+    p.add_argument("--cache", default="runs/feature_cache", help="where the real side's features are cached")
+    p.device()
     a = p.parse_args(argv)
     if a.n < 2:
         print("error: --n must be >= 2", file=sys.stderr)
         return 2
     try:
-        out = compute(a.real, a.fake, a.n, a.n_real, a.extractor, a.weights, a.seed, a.batch, a.cache, a.device)
+        out = compute(a.real, a.model, a.n, a.n_real, a.extractor, a.weights, a.seed, a.batch, a.cache, a.device)
     except (ShardError, SpecError, ExtractorError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

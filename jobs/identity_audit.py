@@ -1,18 +1,21 @@
-"""The identity-leak audit as run by ``python -m jobs.audit --identity`` (method: gan/identity.py).
+"""The identity-leak audit as run by ``python -m jobs.audit --identity`` (method: evaluation/identity.py).
 
 Embeds the fakes, the training photos and the held-out photos with the face matcher
-(gan/faceid.py, cached per shard set), calibrates on the labels, and draws the evidence: for
+(evaluation/faceid.py, cached per shard set), calibrates on the labels, and draws the evidence: for
 the most reproduced training people, generated faces beside their nearest training photo.
 """
 from __future__ import annotations
 
 import io
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from datasets.shards import ShardSet
-from gan import identity as I
+from evaluation import identity as I
+from evaluation.faceid import DlibFaceID, embed_shards
 from jobs.specs import fake_faces, sample_faces
 
 
@@ -34,7 +37,6 @@ def run_identity_audit(fake: str | torch.nn.Module, train: str, heldout: str, n:
                        fpir: float = 0.01, alpha: float = 1e-3, cache: str | None = "runs/feature_cache",
                        device: str = "cpu", processes: int | None = None) -> tuple[dict, bytes]:
     """The report and the evidence picture; checks everything it can before embedding anything."""
-    from gan.faceid import DlibFaceID, embed_shards
 
     train_set, train_ids = labelled(train)
     held_set, held_ids = labelled(heldout)
@@ -54,10 +56,8 @@ def run_identity_audit(fake: str | torch.nn.Module, train: str, heldout: str, n:
 def evidence(fake_u8: np.ndarray, train_set: ShardSet, train_ids: np.ndarray, report: dict, per: int = 4) -> bytes:
     """One row per top person: up to ``per`` of their matched fakes, each beside its nearest
     training photo, distance underneath (PNG). No matches: the closest fakes overall."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     d, j = report["_nearest_dist"], report["_nearest_idx"]
     rows = []

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from compose import NoHeldOut, prepare_evaluation, real_path
 from datasets.shards import ShardSet, is_uri, open_fs, write_bytes
+from evaluation.faceid import FaceIDError, model_dir
+from evaluation.identity import IdentityAuditError, check_people
+from evaluation.inception import ExtractorError
 from gan.config import Config, ConfigError
-from gan.inception import ExtractorError
 
 
 def submitted_with_working_dir() -> bool:
@@ -96,7 +99,6 @@ def local_home(storage: str, name: str) -> Path:
 def check_evaluation(cfg: Config) -> dict | None:
     """FID's extractor and held-out faces exist, and the real side is cached, before Ray starts;
     eval.identity_audit "auto" is settled here to "on" or "off" (the run's params say which)."""
-    from gan.loop import NoHeldOut, prepare_evaluation, real_path
 
     try:
         if cfg.eval.audit_samples > 0:
@@ -113,9 +115,6 @@ def identity_audit_mode(cfg: Config) -> str:
     mode = cfg.eval.identity_audit
     if mode == "off":
         return "off"
-    from gan.faceid import FaceIDError, model_dir
-    from gan.identity import IdentityAuditError, check_people
-    from gan.loop import real_path
 
     try:
         if cfg.eval.every_steps <= 0:

@@ -11,6 +11,9 @@ import threading
 
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Full, Queue
+from tqdm import tqdm
+
+from gan.report import Report
 
 SHOWN = ("d_loss", "g_loss", "fid")
 
@@ -42,16 +45,17 @@ class Progress(UserCallback):
         self.queue.shutdown()
 
     def _draw(self) -> None:
-        from tqdm import tqdm
-
+        scores: dict[str, float] = {}  # the latest evaluation stays on the line until the next one
         with tqdm(total=self.total, initial=self.start, desc=self.desc, unit="step", dynamic_ncols=True) as bar:
             while not self._stop.is_set() or not self.queue.empty():
                 try:
-                    m = self.queue.get(timeout=0.5)
+                    r = Report.from_summary(self.queue.get(timeout=0.5))
                 except Exception:  # queue.Empty, or the queue actor already gone
                     continue
-                if "step" in m and m["step"] > bar.n:
-                    bar.update(int(m["step"]) - bar.n)
+                if r.step > bar.n:
+                    bar.update(r.step - bar.n)
+                scores |= r.scores
+                m = {**r.metrics, **scores}
                 post = {k: f"{m[k]:.3g}" for k in SHOWN if k in m}
                 if "img_per_s" in m:
                     post["img/s"] = f"{m['img_per_s']:.0f}"

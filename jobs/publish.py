@@ -25,9 +25,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import torch
+from mlflow.models.signature import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Schema, TensorSpec
 
 from gan.config import ModelConfig
+from gan.models import Generator
 
 MODEL_PATH = "generator"
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,13 +84,6 @@ def log_generator(tracking_uri: str, run_id: str, G, model_cfg: ModelConfig, reg
     The signature's batch dimension is -1, which MLflow 3.17 exports as dynamic: the loaded
     graph takes any number of z's, 1 included (tested), in eval mode (BN running statistics).
     """
-    import mlflow
-    import numpy as np
-    from mlflow.models.signature import ModelSignature
-    from mlflow.tracking import MlflowClient
-    from mlflow.types.schema import Schema, TensorSpec
-
-    from gan.models import Generator
 
     # A fresh module with the trained weights: no compiled forward, device or layout in it.
     clean = Generator(model_cfg)
@@ -111,8 +110,6 @@ def log_generator(tracking_uri: str, run_id: str, G, model_cfg: ModelConfig, reg
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gan.models import Generator
-
     (path,) = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(1)  # beside training: one core's worth, and only for seconds
     req = torch.load(path, weights_only=True)

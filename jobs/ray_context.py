@@ -7,12 +7,14 @@ import tempfile
 import threading
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 from ray.train import CheckpointUploadMode
 
 from gan.checkpoint import CheckpointError, load_state, save_state, to_host
 from gan.context import CHECKPOINT_FILE, TorchDistributedContext
+from gan.report import Report
 from jobs.tracking import Tracker
 
 ASYNC = CheckpointUploadMode.ASYNC
@@ -26,21 +28,25 @@ class RayTrainContext(TorchDistributedContext):
         # Where to start when this Train run has no checkpoint of its own (a Tune trial
         # restarted from a donor's or its own earlier checkpoint): a ray.train.Checkpoint.
         self.init_checkpoint = init_checkpoint
-        self.last_scores: dict[str, float] = {}
         self.pending: threading.Event | None = None  # rank 0's checkpoint upload in flight
         self.ckpt_suffix = ""  # set when a resume skipped damaged checkpoints (load_checkpoint)
         # TorchTrainer has set up the process group; these agree with torch.distributed.
         ctx = ray.train.get_context()
         assert self.rank == ctx.get_world_rank() and self.world_size == ctx.get_world_size()
         self.tracker = tracker if self.rank == 0 else None
-        # A sweep trial's current hyper-parameters: as tags, and in the metric history with the
-        # first report, at the step this run starts from, so a PBT schedule reads off a chart.
-        hp = hp or {}
-        self.hp_metrics = {f"hp.{k}": float(v) for k, v in hp.items() if isinstance(v, (int, float))}
-        if self.tracker is not None and hp:
-            self.tracker.set_tags({f"hp.{k}": f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in hp.items()})
+        self.hp = hp or {}  # a sweep trial's current hyper-parameters (logged by load_checkpoint)
 
     def load_checkpoint(self):
+        state = self._load_checkpoint()
+        if self.tracker is not None and self.hp:
+            # A trial's hyper-parameters as tags, and as points at the step this run starts
+            # from, so that a PBT schedule reads off a chart.
+            self.tracker.set_tags({f"hp.{k}": f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in self.hp.items()})
+            self.tracker.log_metrics(state["step"] if state is not None else 0,
+                                     {f"hp.{k}": float(v) for k, v in self.hp.items() if isinstance(v, (int, float))})
+        return state
+
+    def _load_checkpoint(self):
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             if self.init_checkpoint is None:
@@ -69,24 +75,14 @@ class RayTrainContext(TorchDistributedContext):
             return state
         raise CheckpointError(f"no intact checkpoint in {ckpt.path.rsplit('/', 1)[0]}")
 
-    def report(self, step, metrics, checkpoint=None, artifacts=None, model=None, tags=None) -> None:
+    def report(self, report: Report) -> None:
         if self.tracker is not None:
-            if tags:
-                self.tracker.set_tags(tags)
-            self.tracker.log_metrics(step, {**metrics, **self.hp_metrics})
-            self.hp_metrics = {}
-            if artifacts:
-                self.tracker.log_artifacts(artifacts)
-                self.tracker.log_images(step, artifacts)
-            if model is not None:
-                self.tracker.log_generator(model, self.model_cfg, step=step, metrics=metrics,
-                                           register_as=self.register_as)
-        self.last_scores |= {k: v for k, v in metrics.items() if k in ("fid", "kid")}
-        # Schedulers read the latest quality with every report; MLflow gets each score once.
-        metrics = {**metrics, **self.last_scores}
-        if checkpoint is None:
-            if metrics:
-                ray.train.report({**metrics, "step": step}, checkpoint_upload_mode=ASYNC)
+            self._track(report)
+        # Ray carries the report's summary (plain values) to its controller: the progress
+        # bar and the Tune relay read it back with Report.from_summary.
+        if report.checkpoint is None:
+            if report.logged() or report.resumed_from is not None or report.diverged:  # alike on every rank
+                ray.train.report(report.summary(), checkpoint_upload_mode=ASYNC)
             return
         # Every rank reports; only rank 0 hands over a checkpoint (the state is replicated).
         # The state is copied to the host here; serialising and uploading it happen on Ray's
@@ -95,7 +91,7 @@ class RayTrainContext(TorchDistributedContext):
         ckpt, upload_fn = None, None
         if self.rank == 0:
             self.flush()  # one checkpoint in flight: host memory holds at most two states
-            state, tmp = to_host(checkpoint()), Path(tempfile.mkdtemp(prefix="facegan-ckpt-"))
+            state, tmp = to_host(report.checkpoint()), Path(tempfile.mkdtemp(prefix="facegan-ckpt-"))
             storage, done = ray.train.get_context().get_storage(), threading.Event()
             self.pending = done
 
@@ -110,9 +106,31 @@ class RayTrainContext(TorchDistributedContext):
                     done.set()
 
             ckpt, upload_fn = ray.train.Checkpoint.from_directory(str(tmp)), upload
-        ray.train.report({**metrics, "step": step}, checkpoint=ckpt, checkpoint_upload_mode=ASYNC,
+        ray.train.report(report.summary(), checkpoint=ckpt, checkpoint_upload_mode=ASYNC,
                          checkpoint_upload_fn=upload_fn,
-                         checkpoint_dir_name=f"checkpoint_{step:09d}{self.ckpt_suffix}")
+                         checkpoint_dir_name=f"checkpoint_{report.step:09d}{self.ckpt_suffix}")
+
+    def report_audits(self, step: int, audits: dict[str, float]) -> None:
+        """The final audits' verdicts, to Ray (a sweep's privacy cap reads them from Tune's
+        results, not back from MLflow). Every rank calls it, rank 0 with the verdicts."""
+        ray.train.report(Report(step, audits=audits if self.rank == 0 else {}).summary(),
+                         checkpoint_upload_mode=ASYNC)
+
+    def _track(self, r: Report) -> None:
+        """Rank 0's MLflow record of a report: a resume is a point on the ``resumed_from_step``
+        chart, a divergence the run's ``facegan.failed_reason`` tag."""
+        tags = {**r.tags, **({"facegan.failed_reason": r.diverged} if r.diverged else {})}
+        if tags:
+            self.tracker.set_tags(tags)
+        logged = {**r.logged(), **({"resumed_from_step": float(r.resumed_from)} if r.resumed_from is not None else {})}
+        if logged:
+            self.tracker.log_metrics(r.step, logged)
+        if r.artifacts:
+            self.tracker.log_artifacts(r.artifacts)
+            self.tracker.log_images(r.step, r.artifacts)
+        if r.model is not None:
+            self.tracker.log_generator(r.model, self.model_cfg, step=r.step, scores=r.scores,
+                                       register_as=self.register_as)
 
     def flush(self) -> None:
         """Waits for this rank's checkpoint upload (a failed one is raised by Ray itself, from
@@ -125,7 +143,6 @@ class RayTrainContext(TorchDistributedContext):
 def _older(ckpt) -> list:
     """The run's earlier checkpoints, newest first, on the checkpoint's own filesystem (local
     or object storage): the names carry the zero-padded step (``checkpoint_000000120``)."""
-    import pyarrow.fs as pafs
 
     parent, name = ckpt.path.rstrip("/").rsplit("/", 1)
     infos = ckpt.filesystem.get_file_info(pafs.FileSelector(parent))

@@ -1,9 +1,9 @@
-"""What ``--fake SPEC`` names, for jobs.fid and jobs.audit: faces as uint8 NHWC blocks.
+"""What ``--model SPEC`` names, for jobs.fid and jobs.audit: faces as uint8 NHWC blocks.
 
 SPEC is one of: a shard set (a directory with ``manifest.json``), a folder of images (PNG,
 JPEG or WebP, all one size, taken in name order), an MLflow model (``runs:/<id>/generator``,
 ``models:/<name>/<version>``) or a checkpoint (a ``checkpoint.pt`` file or the folder holding
-it). Generators are sampled in eval mode on the evaluation's latents (gan/evaluate.py), so the
+it). Generators are sampled in eval mode on the evaluation's latents (evaluation/fid.py), so the
 same seed and count score the same faces as the in-training evaluation.
 """
 from __future__ import annotations
@@ -11,11 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import mlflow
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from datasets.shards import MANIFEST, ShardSet
-from gan.evaluate import eval_latents, iter_rows, to_uint8_nchw
+from evaluation.fid import eval_latents, iter_rows, to_uint8_nchw
+from gan.checkpoint import generator_from_state, load_state
+from gan.config import from_flat
+from gan.context import CHECKPOINT_FILE
+from jobs.tracking import resolve_tracking_uri
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -38,18 +44,47 @@ def kind_of(spec: str) -> str:
                     f"models:/… or a checkpoint (file or folder)")
 
 
-def load_generator(spec: str) -> torch.nn.Module:
-    from jobs.sample import load_generator as load
+class Exported(torch.nn.Module):
+    """A generator logged in the pt2 format: its traced graph (already in eval mode, which an
+    exported graph cannot switch) with the ``z_dim`` the rest of the code asks a generator for."""
 
+    def __init__(self, graph: torch.nn.Module, z_dim: int):
+        super().__init__()
+        self.graph, self.z_dim = graph, int(z_dim)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.graph(z)
+
+    def train(self, mode: bool = True):
+        return self
+
+
+def _load(source: str) -> torch.nn.Module:
+    """The generator a SPEC names (MLflow model or checkpoint); errors as they come."""
+    if source.startswith(("runs:/", "models:/")):
+        mlflow.set_tracking_uri(resolve_tracking_uri())
+        model = mlflow.pytorch.load_model(source, map_location="cpu")
+        if isinstance(model, torch.fx.GraphModule):  # pt2: an exported graph, not our module
+            z_dim = mlflow.models.get_model_info(source).signature.inputs.inputs[0].shape[-1]
+            return Exported(model, z_dim)
+        return model.eval()  # a generator logged in the pickle format before pt2
+    path = Path(source)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--model {source}: expected runs:/…, models:/… or a checkpoint (file or folder)")
+    state = load_state(path)
+    return generator_from_state(state, from_flat(state["config"]).model)
+
+
+def load_generator(spec: str) -> torch.nn.Module:
     try:
-        return load(spec)
+        return _load(spec)
     except Exception as e:  # missing, not a checkpoint, truncated, unknown run: one line, not a traceback
         raise SpecError(f"{spec}: cannot load a generator ({str(e).splitlines()[0]})") from None
 
 
 def _images(folder: Path, n: int) -> Iterator[np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
-
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
     size = None
     for start in range(0, len(files), 100):

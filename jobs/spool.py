@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from jobs.tracking import Tracker, end_run
+
 SPOOL = "tracking_spool"
 MEMORY = int(os.environ.get("FACEGAN_TRACKING_MEMORY", "64"))  # records in memory before spilling to disk
 # A dead server must cost the writer seconds, not MLflow's default ~4 minutes of retries.
@@ -94,8 +96,6 @@ def send(tracker, record: dict) -> None:
         state, model, step, scores, register_as = args
         tracker.publish_generator(state, model, step=step, scores=scores, register_as=register_as)
     elif kind == "end":
-        from jobs.tracking import end_run
-
         end_run(tracker.uri, tracker.run_id, args)
     else:
         raise ValueError(f"unknown tracking record kind {kind!r}")
@@ -134,10 +134,10 @@ class BackgroundTracker:
     def log_artifacts(self, artifacts: dict[str, bytes]) -> None:
         self._put("artifacts", dict(artifacts))
 
-    def log_generator(self, G, model_cfg, step=None, metrics=None, register_as: str = "") -> None:
+    def log_generator(self, G, model_cfg, step=None, scores=None, register_as: str = "") -> None:
         # A copy on the host now: the live weights keep training.
         state = {k: v.detach().to("cpu", copy=True) for k, v in G.state_dict().items()}
-        scores = {k: float(v) for k, v in (metrics or {}).items() if k in ("fid", "kid")}
+        scores = {k: float(v) for k, v in (scores or {}).items()}
         self._put("generator", (state, dataclasses.asdict(model_cfg), step, scores, register_as))
 
     def _put(self, kind: str, args) -> None:
@@ -182,8 +182,6 @@ class BackgroundTracker:
             record, path = item
             try:
                 if self._tracker is None:
-                    from jobs.tracking import Tracker
-
                     self._tracker = Tracker(self.uri, self.run_id)
                 send(self._tracker, record)
             except Exception as e:  # noqa: BLE001 - the writer must outlive any failure
@@ -241,7 +239,6 @@ def spooled_tags(run_dir: str | Path) -> dict[str, str]:
 def replay(run_dir: str | Path, tracking_uri: str | None = None) -> tuple[int, str, str]:
     """Sends a run's spooled records in order (``python -m jobs.sync``); each record's file is
     removed once sent. Returns (records sent, tracking URI, run id)."""
-    from jobs.tracking import Tracker
 
     spool = spool_of(run_dir)
     files = spool.files()

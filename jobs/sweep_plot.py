@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import io
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 
 def plot_trials(rows: list[dict], metric: str) -> bytes:
     """``rows``: one per trial with ``metric``, ``lr_ratio``, ``label_lo``, ``label_hi`` and
     ``stopped_early``. Returns a PNG: left, the score against lr_d/lr_g (log axis); right, the
     score against the real-label range, drawn as the segment [lo, hi]. Hollow markers: trials a
     scheduler stopped early (their score is from fewer steps)."""
-    import matplotlib
 
     matplotlib.use("Agg")  # no display on a cluster node
-    import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for r in rows:
@@ -40,10 +41,8 @@ def plot_frontier(rows: list[dict], metric: str, cap: float | None = None) -> by
     """The quality/privacy frontier: each trial's best ``metric`` against its final
     ``identity_auc`` (0.5: no identity leak; 1: every training person recognisable), the
     Pareto-best trials joined, and the sweep's cap (``max_identity_auc``) when it has one."""
-    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     pts = sorted((r["identity_auc"], r[metric]) for r in rows if r.get("identity_auc") is not None)
     fig, ax = plt.subplots(figsize=(6, 4.2))

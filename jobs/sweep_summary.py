@@ -10,17 +10,19 @@ import io
 import math
 from pathlib import Path
 
-from gan.config import flatten
-from jobs.tune import Sweep, trial_config
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from gan.config import to_toml
+from jobs.sweep import Sweep, trial_config
+from jobs.sweep_plot import plot_frontier, plot_trials
 
 
-def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, dict]:
-    """results.csv and best_config.toml on the parent run; the best child run tagged."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    children = {run.data.tags.get("facegan.run_dir"): run for run in client.search_runs(
-        [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
+def rank(results, sweep: Sweep) -> tuple[list[dict], tuple]:
+    """Every trial's row and the best one (score, Tune Result, searched values), from Tune's
+    results alone: the privacy cap reads each trial's final identity audit as the trial
+    reported it (jobs/relay.py), so it holds with the tracking server down. RuntimeError when
+    nothing qualifies."""
     cap = sweep.max_identity_auc if sweep.max_identity_auc < 1 else None
     rows, best = [], None
     for r in results:
@@ -39,8 +41,7 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
         score = min(finite)
         hp = {k: v for k, v in r.config.items() if not k.startswith("_")}
         tc = trial_config(r.config["_base"], hp)
-        child = children.get(f"{r.config['_sweep_dir']}/{Path(r.path).name}")
-        leak = child.data.metrics.get("identity_auc") if child is not None else None
+        leak = (r.metrics or {}).get("identity_auc")  # the trial's final audit, as Tune got it (jobs/relay.py)
         row = {"trial": Path(r.path).name, sweep.metric: score, "last_step": last_step,
                "lr_ratio": tc.optim.lr_d / tc.optim.lr_g, "label_lo": tc.loss.real_label_lo,
                "label_hi": tc.loss.real_label_hi, **({"identity_auc": leak} if leak is not None else {}), **hp}
@@ -54,26 +55,31 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
                            f"{min(aucs) if aucs else 'none logged'}); every trial is in {sweep.name}'s Tune results")
     if best is None:
         raise RuntimeError(f"no trial reported {sweep.metric}; is eval.every_steps > 0 and an extractor available?")
+    return rows, best
+
+
+def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, dict]:
+    """results.csv and best_config.toml on the parent run; the best child run tagged."""
+    rows, best = rank(results, sweep)
+    cap = sweep.max_identity_auc if sweep.max_identity_auc < 1 else None
+    client = MlflowClient(uri)
+    children = {run.data.tags.get("facegan.run_dir"): run for run in client.search_runs(
+        [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
     writer.writeheader()
     writer.writerows(sorted(rows, key=lambda row: row[sweep.metric]))
     best_cfg = trial_config(best[1].config["_base"], best[2])
-    toml = "\n".join(f"[{sec}]\n" + "\n".join(f"{k.split('.', 1)[1]} = {_toml(v)}" for k, v in flatten(best_cfg).items()
-                                             if k.startswith(sec + "."))
-                     for sec in dict.fromkeys(k.split(".")[0] for k in flatten(best_cfg))) + "\n"
+    toml = to_toml(best_cfg)
     client.log_text(parent, buf.getvalue(), "results.csv")
     client.log_text(parent, toml, "best_config.toml")
     sweep_dir = best[1].config["_sweep_dir"]
     last = {f"{sweep_dir}/{row['trial']}": row["last_step"] for row in rows}
     full = max(last.values())
-    from jobs.sweep_plot import plot_trials
 
     png = plot_trials([{**row, "stopped_early": row["last_step"] < full} for row in rows], sweep.metric)
     client.log_image(parent, _png_image(png), "sweep_fid.png")
     if any("identity_auc" in row for row in rows):
-        from jobs.sweep_plot import plot_frontier
-
         client.log_image(parent, _png_image(plot_frontier(rows, sweep.metric, cap)), "sweep_identity.png")
     for where, run in children.items():
         if where == f"{sweep_dir}/{Path(best[1].path).name}":
@@ -89,18 +95,10 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
                    + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in best[2].items())
                    + "). Artifacts: results.csv, best_config.toml (a preset), sweep_fid.png"
                    + (", sweep_identity.png" if any("identity_auc" in row for row in rows) else "") + ".")
-    return buf.getvalue(), toml, {"score": best[0], "hp": best[2]}
+    best_run = children.get(f"{sweep_dir}/{Path(best[1].path).name}")
+    return buf.getvalue(), toml, {"score": best[0], "hp": best[2],
+                                  "run_id": best_run.info.run_id if best_run is not None else None}
 
 
 def _png_image(png: bytes):
-    from PIL import Image
-
     return Image.open(io.BytesIO(png))
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float) and not math.isfinite(v):
-        return '"nan"'
-    return repr(v) if not isinstance(v, str) else '"' + v.replace('"', '\\"') + '"'

@@ -17,13 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from jobs.spool import SPOOL, fail_fast, replay, spool_of
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="the run's directory: run.storage_path/run.name")
     p.add_argument("--tracking-uri", default=None, help="default: the one the run logged to")
     a = p.parse_args(argv)
-    from jobs.spool import SPOOL, fail_fast, replay, spool_of
 
     run_dir = Path(a.run_dir)
     if not run_dir.is_dir():

@@ -8,15 +8,27 @@ working directory differs, write to the same place. Set ``MLFLOW_TRACKING_URI`` 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
+from datasets.shards import ShardSet
+from evaluation.fid import manifest_digest
+from gan.config import ConfigError
 from jobs.publish import publish
 
 RUN_DIR_TAG = "facegan.run_dir"
@@ -34,12 +46,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Before anything starts: the tracking URI answers within ``timeout`` seconds, or a
     one-line ConfigError (an unreachable server used to cost ~4 minutes of MLflow's retries
     and a chain of tracebacks)."""
-    from gan.config import ConfigError
 
     if uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
                 r.read()
@@ -72,7 +80,6 @@ def _experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
 
 def source_tags(entry_point: str) -> dict[str, str]:
     """What the UI shows as the run's source: the entry point and, in a git checkout, the commit."""
-    import subprocess
 
     tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "JOB"}
     try:
@@ -88,12 +95,6 @@ def source_tags(entry_point: str) -> dict[str, str]:
 def log_dataset(tracking_uri: str, run_id: str, path: str, context: str) -> None:
     """A shard set as one of the run's inputs ("Datasets" in the UI): its location, the
     manifest's digest, split and count (the same digest that keys the FID caches)."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    from datasets.shards import ShardSet
-    from gan.evaluate import manifest_digest
 
     shards = ShardSet(path)
     name = f"{Path(path).parent.name}/{Path(path).name}"
@@ -145,8 +146,6 @@ def system_metrics(tracking_uri: str, run_id: str):
     GPU and pynvml exist) of this node, every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds
     (default 10), as ``system/*`` metrics of the run. Started by rank 0 only: other nodes are
     not sampled (only rank 0 writes tracking)."""
-    from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 10,
                                    tracking_uri=tracking_uri)
@@ -181,9 +180,6 @@ class Tracker:
     def log_images(self, step: int, artifacts: dict[str, bytes]) -> None:
         """Sample grids as MLflow images by step: the UI shows them on a step slider beside the
         charts (``samples/real.png`` under the key ``real``, every other grid under ``samples``)."""
-        import io
-
-        from PIL import Image
 
         for rel, data in artifacts.items():
             if rel.startswith("samples/") and rel.endswith(".png"):
@@ -208,7 +204,6 @@ class Tracker:
                           register_as: str = "") -> None:
         """A generator's weights (host tensors) as the run's model: exported in a child process
         (jobs/publish.py), so that no thread of this process traces a module."""
-        scores = {k: v for k, v in (scores or {}).items() if k in ("fid", "kid")}
         what = f"step {step}" + "".join(f", {k} {v:.4g}" for k, v in scores.items())
         publish(self.uri, self.run_id, state, model_cfg, register_as, description=f"run {self.run_id}, {what}")
         tags = {"facegan.generator_step": str(step)} if step is not None else {}

@@ -14,17 +14,52 @@ directory) before any Ray resource is requested; errors are one line and exit st
 from __future__ import annotations
 
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasets.shards import ShardError, ShardSet, is_uri
+import ray
+import ray.train
+from mlflow.tracking import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from datasets.shards import ShardError, ShardReader, ShardSet, is_uri
 from datasets.synthetic import ensure_generated
 from gan.checkpoint import CheckpointError
-from gan.config import Config, ConfigError, flatten, from_flat, load, validate, worker_resources
+from gan.config import (
+    Config,
+    ConfigError,
+    flatten,
+    load,
+    to_toml,
+    validate,
+    worker_resources,
+)
+from gan.loop import total_steps
 from jobs.cli import Parser
 from jobs.plan import plan_line
-from jobs.preflight import check_evaluation, exists, local_home, ray_storage, refuse_relative_under_submit, writable
+from jobs.preflight import (
+    check_evaluation,
+    exists,
+    local_home,
+    ray_storage,
+    refuse_relative_under_submit,
+    writable,
+)
+from jobs.progress import Progress
+from jobs.spool import SPOOL, fail_fast, spool_of, spooled_tags
+from jobs.tracking import (
+    check_reachable,
+    end_run,
+    find_run,
+    log_dataset,
+    resolve_tracking_uri,
+    source_tags,
+    start_run,
+)
+from jobs.worker import train_worker
 
 
 class Diverged(RuntimeError):
@@ -50,12 +85,17 @@ class Plan:
 def prepare(argv: list[str] | None) -> Plan:
     """Parses, validates and resolves everything; touches no Ray resource."""
     p = Parser("jobs.train", __doc__)
+    p.epilog = fields_help()
     p.add_argument("--config", help="a TOML preset from configs/ (without one: the defaults, a long run)")
     p.add_argument("--resume", action="store_true", help="continue run.name from its last checkpoint")
     p.add_argument("--dry-run", action="store_true", help="check everything, print the plan, start nothing")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (preset, then --section.field=value) as a TOML preset, and stop")
     args, rest = p.parse_known_args(argv)
     cfg = validate(load(args.config, rest))
-    from jobs.tracking import check_reachable, resolve_tracking_uri
+    if args.print_config:
+        print(to_toml(cfg), end="")
+        raise SystemExit(0)
 
     refuse_relative_under_submit(cfg)
     check_reachable(resolve_tracking_uri())  # in seconds, before faces are drawn or features cached
@@ -99,94 +139,19 @@ def prepare(argv: list[str] | None) -> Plan:
                 args.dry_run)
 
 
-def _quiet_reports() -> None:
-    """Ray Train logs every report of every worker at INFO ("Reporting training result N: ..."),
-    one long line per worker per log step on the driver's console, beside the progress bar that
-    says the same in one line. Its logger is named after its file (Ray internals: if they move,
-    the lines come back, nothing breaks)."""
-    import logging
-
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def train_worker(loop_config: dict) -> None:
-    """Runs on every Ray Train worker."""
-    import ray.train
-
-    from jobs.spool import BackgroundTracker
-
-    _quiet_reports()
-    cfg = from_flat(loop_config["config"])
-    rank0 = ray.train.get_context().get_world_rank() == 0
-    # Rank 0's tracking never blocks training: a background writer, spilling to the run's spool
-    # while the server is unreachable (jobs/spool.py).
-    tracker = BackgroundTracker(loop_config["tracking_uri"], loop_config["run_id"], loop_config["spool"]) \
-        if rank0 else None
-    try:
-        _train_and_publish(cfg, loop_config, tracker)
-    finally:
-        if tracker is not None:
-            left = tracker.close(cfg.run.tracking_grace_s)
-            if left:
-                print(f"facegan: {left} tracking record(s) could not be sent to {tracker.uri}; they are kept in "
-                      f"{loop_config['spool']}: python -m jobs.sync {Path(loop_config['spool']).parent}", flush=True)
-
-
-def _train_and_publish(cfg: Config, loop_config: dict, tracker) -> None:
-    from gan.loop import open_inputs, train
-    from jobs.ray_context import RayTrainContext
-    from jobs.tracking import system_metrics
-
-    monitor = None
-    if tracker is not None:
-        try:
-            monitor = system_metrics(loop_config["tracking_uri"], loop_config["run_id"])
-        except Exception as e:  # noqa: BLE001 - a sampler that cannot start must not stop training
-            print(f"facegan: no system metrics this run ({str(e).splitlines()[0][:160]})", flush=True)
-    ctx = RayTrainContext(tracker, cfg.model, cfg.eval.register_as, loop_config.get("init_checkpoint"),
-                          loop_config.get("hp"))
-    try:
-        result = train(cfg, ctx, *open_inputs(cfg, ctx, cpus=cfg.scale.cpus_per_worker))
-    finally:
-        if monitor is not None:
-            monitor.finish()
-    if tracker is not None and result.diverged:  # nothing to publish or audit; the driver fails the run
-        tracker.set_tags({"facegan.final_step": str(result.step)})
-    elif tracker is not None:
-        if result.best is None:  # no evaluation: the final generator is the model
-            tracker.log_generator(result.generator, cfg.model, step=result.step, register_as=cfg.eval.register_as)
-        else:
-            tracker.set_tags({"facegan.best_step": str(result.best["step"]),
-                              f"facegan.best_{result.best['metric']}": f"{result.best['value']:.6g}"})
-        tracker.set_tags({"facegan.final_step": str(result.step)})
-        if cfg.eval.audit_samples > 0:
-            from gan.loop import feature_cache, real_path
-            from jobs.audit import log_audit, run_audit
-
-            report, picture = run_audit(result.generator, cfg.data.path, real_path(cfg), cfg.eval.audit_samples,
-                                        cfg.eval.extractor, cfg.eval.inception_weights, seed=cfg.train.seed,
-                                        device=str(ctx.device), cache=feature_cache(cfg))
-            log_audit(tracker, report, picture, step=result.step)
-        if cfg.eval.identity_audit == "on" and result.best is not None:
-            from gan.loop import feature_cache, real_path
-            from jobs.audit import log_identity_audit
-            from jobs.identity_audit import run_identity_audit
-
-            report, picture = run_identity_audit(result.generator, cfg.data.path, real_path(cfg), cfg.eval.identity_samples,
-                                                 seed=cfg.train.seed, cache=feature_cache(cfg), device=str(ctx.device))
-            log_identity_audit(tracker, report, picture, step=result.step)
+def fields_help() -> str:
+    """``--help``'s list of config fields, each with its default: one line per section."""
+    by: dict[str, list[str]] = {}
+    for key, value in flatten(Config()).items():
+        section, name = key.split(".", 1)
+        by.setdefault(section, []).append(f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}")
+    return ("config fields, set with --section.field=value after the preset (python -m jobs.train "
+            "--print-config shows them resolved):\n" + "\n".join(
+                textwrap.fill(" ".join(v), 100, initial_indent=f"  [{s}] ", subsequent_indent="      ")
+                for s, v in by.items()))
 
 
 def build_trainer(plan: Plan, tracking_uri: str, run_id: str, extra: dict | None = None, callbacks=None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from jobs.spool import SPOOL
-
     sc = plan.cfg.scale
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": sc.gpus_per_worker} if sc.use_gpu else {}),
                  **worker_resources(sc.worker_resources)}
@@ -212,18 +177,13 @@ def run(argv: list[str] | None = None) -> dict:
     if plan.dry_run:
         return {}
 
-    import ray
 
-    from jobs.progress import Progress
-    from jobs.spool import SPOOL, fail_fast, spool_of, spooled_tags
-    from jobs.tracking import end_run, find_run, resolve_tracking_uri, start_run
 
     uri = resolve_tracking_uri()
     run_dir = f"{plan.storage_path}/{plan.run_name}"  # the run's identity in MLflow (find_run)
     home = local_home(plan.storage_path, plan.run_name)  # this machine's spool for the run
     prior = find_run(uri, plan.cfg.run.experiment, run_dir) if plan.resume else None
     run_id = start_run(uri, plan.cfg.run.experiment, plan.run_name, run_dir, flatten(plan.cfg), plan.resume)
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     before = (prior.info.status if prior else "RUNNING", _last_step(client, run_id))
@@ -292,9 +252,6 @@ def worker_error(e: BaseException) -> str | None:
 
 
 def total_steps_of(cfg: Config) -> int:
-    from datasets.shards import ShardReader
-    from gan.loop import total_steps
-
     world = cfg.scale.num_workers
     reader = ShardReader(ShardSet(cfg.data.path), 0, world, cfg.train.batch_size // world, cfg.train.seed,
                          cfg.data.shuffle_groups)
@@ -303,7 +260,6 @@ def total_steps_of(cfg: Config) -> int:
 
 def describe(client, uri: str, run_id: str, plan: Plan) -> None:
     """What the run page shows before any metric: a description, the source and the data."""
-    from jobs.tracking import log_dataset, source_tags
 
     cfg = plan.cfg
     note = (f"facegan DCGAN, {cfg.model.size} px, width {cfg.model.width:g}; preset {plan.preset or 'defaults'}; "

@@ -3,233 +3,42 @@
     python -m jobs.tune --config configs/smoke.toml --sweep configs/sweeps/smoke.toml [--section.field=value ...]
     python -m jobs.tune ... --resume          # continue an interrupted sweep (Tuner.restore)
 
-Each trial is a Ray Train run (its own workers) launched from a Tune function trainable.
-The sweep file (see configs/sweeps/) picks the search space over config fields by name, plus
-two derived ones: ``optim.lr_ratio`` (lr_d = ratio * lr_g) and ``loss.real_label_hi_frac``
-(hi = lo + frac * (1 - lo), so hi is always in [lo, 1]). The objective is ``sweep.metric``
-(fid or kid) from the evaluation, minimised. MLflow: one parent run per sweep, a child run
-per trial, the best trial tagged, ``results.csv`` and ``best_config.toml`` on the parent.
+Each trial is a Ray Train run (its own workers) launched from a Tune function trainable
+(jobs/relay.py). The sweep file (jobs/sweep.py, configs/sweeps/) picks the search space over
+config fields by name; the objective is ``sweep.metric`` (fid or kid) from the evaluation,
+minimised. MLflow: one parent run per sweep, a child run per trial, the best trial tagged,
+``results.csv`` and ``best_config.toml`` on the parent.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
-import math
+import os
 import sys
-import threading
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from gan.config import Config, ConfigError, apply, flatten, from_flat, load, validate
-from jobs.cli import Parser
-from jobs.preflight import exists as storage_exists, ray_storage
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune import CheckpointConfig, CLIReporter
+from ray.tune import RunConfig as TuneRunConfig
+from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
 
-DERIVED = {"optim.lr_ratio", "loss.real_label_hi_frac"}
-KINDS = ("loguniform", "uniform", "choice")
+from gan.config import Config, ConfigError, flatten, load, validate
+from jobs.cli import Parser
+from jobs.preflight import exists as storage_exists
+from jobs.preflight import ray_storage
+from jobs.relay import trainable
+from jobs.sweep import Sweep, clamp_to_space, load_sweep, trial_config, tune_space
+from jobs.sweep_summary import summarize
+from jobs.tracking import end_run, resolve_tracking_uri, start_run
+from jobs.train import prepare
+
 TRIAL_CPU = 0.01
 
 
-@dataclass
-class Sweep:
-    name: str
-    num_samples: int = 4
-    scheduler: str = "asha"  # asha | pbt
-    search: str = "random"  # random | optuna
-    metric: str = "fid"
-    max_concurrent: int = 0  # 0: what the cluster holds
-    grace_period: int = 100  # ASHA, in steps
-    reduction_factor: int = 2
-    perturbation_interval: int = 500  # PBT, in steps
-    # PBT: true waits for every trial at each interval, then the lower half clones the upper half.
-    # False (Ray's default) acts on each result as it comes, against the others' last scores: when
-    # the scores drift (FID rises or falls with the step), a trial can meet an exploit point only
-    # ever in the lower half while its donor never saved at the top, and nothing is exploited.
-    synch: bool = False
-    # < 1: the best config is the best trial whose final identity_auc (the identity-leak audit,
-    # eval.identity_audit) is at most this; 1: no cap. --max-identity-auc overrides it.
-    max_identity_auc: float = 1.0
-    space: dict = field(default_factory=dict)
-    # [config]: overrides of the base config for every trial (the sweep's budget and evaluation),
-    # applied after the preset and before the command line's --section.field=value.
-    config: dict = field(default_factory=dict)
-
-
-def load_sweep(path: str) -> Sweep:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    for top in doc:
-        if top not in ("sweep", "space", "config"):
-            raise ConfigError(f"{path}: unknown table [{top}]; expected [sweep], [space] and [config]")
-        if not isinstance(doc[top], dict):
-            raise ConfigError(f"{path}: {top} must be a [{top}] table, got {doc[top]!r}")
-    opts, space, overrides = doc.get("sweep", {}), doc.get("space", {}), doc.get("config", {})
-    apply(Config(), overrides, where=f"{path}: [config] ")  # a typo fails here, by name
-    known = set(Sweep.__dataclass_fields__) - {"space", "config"}
-    for k, v in opts.items():
-        if k not in known:
-            raise ConfigError(f"{path}: unknown [sweep] key {k!r}; known: {', '.join(sorted(known))}")
-        want = type(Sweep.__dataclass_fields__[k].default) if k != "name" else str
-        if type(v) is not want:  # `synch = "no"` would be truthy
-            raise ConfigError(f"{path}: [sweep] {k} must be a {want.__name__}, got {v!r}")
-    sweep = Sweep(name=opts.get("name", p.stem), space=space, config=overrides,
-                  **{k: v for k, v in opts.items() if k != "name"})
-    fields = set(flatten(Config())) | DERIVED
-    if not space:
-        raise ConfigError(f"{path}: [space] is empty; name at least one field to search")
-    for key, spec in space.items():
-        where = f"{path}: space.{key}"
-        if key not in fields:
-            raise ConfigError(f"{where}: unknown field; expected section.field from the config or "
-                              f"{', '.join(sorted(DERIVED))}")
-        if not isinstance(spec, dict):
-            raise ConfigError(f'{where}: expected a table such as {{ type = "loguniform", low = 1e-4, high = 1e-3 }} '
-                              f'or {{ type = "choice", values = [...] }}, got {spec!r}')
-        kind = spec.get("type")
-        if kind not in KINDS:
-            raise ConfigError(f"{where}: type must be one of {', '.join(KINDS)}, got {kind!r}")
-        if kind == "choice":
-            if not isinstance(spec.get("values"), list) or not spec["values"]:
-                raise ConfigError(f"{where}: values must be a non-empty list, got {spec.get('values')!r}")
-            continue
-        if not all(isinstance(spec.get(b), (int, float)) and not isinstance(spec.get(b), bool) for b in ("low", "high")):
-            raise ConfigError(f"{where}: low and high must be numbers, got low={spec.get('low')!r} "
-                              f"high={spec.get('high')!r}")
-        if not spec["low"] < spec["high"] or (kind == "loguniform" and spec["low"] <= 0):
-            raise ConfigError(f"{where}: empty or invalid range low={spec.get('low')} high={spec.get('high')}")
-    lo, frac = space.get("loss.real_label_lo"), space.get("loss.real_label_hi_frac")
-    if lo and lo.get("type") != "choice" and not (0 <= lo["low"] and lo["high"] <= 1):
-        raise ConfigError(f"{path}: space.loss.real_label_lo must lie in [0, 1]")
-    if frac and frac.get("type") != "choice" and not (0 <= frac["low"] and frac["high"] <= 1):
-        raise ConfigError(f"{path}: space.loss.real_label_hi_frac must lie in [0, 1]")
-    hi = space.get("loss.real_label_hi")
-    if lo and hi and "choice" not in (lo.get("type"), hi.get("type")) and lo["high"] > hi["low"]:
-        raise ConfigError(f"{path}: space.loss.real_label_lo (up to {lo['high']}) can exceed "
-                          f"space.loss.real_label_hi (from {hi['low']}): lo > hi; search "
-                          f"loss.real_label_hi_frac instead, which keeps hi in [lo, 1]")
-    if "loss.real_label_hi" in space and "loss.real_label_hi_frac" in space:
-        raise ConfigError(f"{path}: search loss.real_label_hi or loss.real_label_hi_frac, not both")
-    for check, msg in ((sweep.scheduler in ("asha", "pbt"), "scheduler must be asha or pbt"),
-                       (sweep.search in ("random", "optuna"), "search must be random or optuna"),
-                       (sweep.metric in ("fid", "kid"), "metric must be fid or kid"),
-                       (sweep.num_samples >= 1, "num_samples must be >= 1")):
-        if not check:
-            raise ConfigError(f"{path}: [sweep] {msg}")
-    if sweep.search == "optuna" and importlib.util.find_spec("optuna") is None:
-        raise ConfigError(f'{path}: [sweep] search = "optuna" needs Optuna: pip install -e ".[optuna]"')
-    return sweep
-
-
-def trial_config(base: dict, hp: dict) -> Config:
-    """The trial's config: base, then searched fields, then the derived ones."""
-    plain = {k: v for k, v in hp.items() if k not in DERIVED}
-    cfg = apply(from_flat(base), plain)
-    if "optim.lr_ratio" in hp:
-        cfg.optim.lr_d = cfg.optim.lr_g * hp["optim.lr_ratio"]
-    if "loss.real_label_hi_frac" in hp:
-        lo = cfg.loss.real_label_lo
-        cfg.loss.real_label_hi = min(1.0, lo + hp["loss.real_label_hi_frac"] * (1 - lo))
-    return validate(cfg)
-
-
-def tune_space(sweep: Sweep) -> dict:
-    from ray import tune
-
-    make = {"loguniform": lambda s: tune.loguniform(s["low"], s["high"]),
-            "uniform": lambda s: tune.uniform(s["low"], s["high"]),
-            "choice": lambda s: tune.choice(s["values"])}
-    return {k: make[s["type"]](s) for k, s in sweep.space.items()}
-
-
-def trainable(config: dict) -> None:
-    """One trial: a Ray Train run whose reports (and checkpoints) are handed to Tune."""
-    from ray import tune
-    from ray.train.v2.api.callback import UserCallback
-    from ray.util.queue import Queue
-
-    from jobs.tracking import end_run, start_run
-    from jobs.train import Plan, build_trainer, total_steps_of
-
-    hp = {k: v for k, v in config.items() if not k.startswith("_")}
-    cfg = trial_config(config["_base"], hp)
-    ctx = tune.get_context()
-    trial_id = ctx.get_trial_id()
-    donor = tune.get_checkpoint()
-    # A restart from a checkpoint (PBT exploit, sweep restore) is a new Train run: deterministic
-    # name, no timestamps, and it starts from that checkpoint instead of its own storage.
-    run_name = trial_id if donor is None else f"{trial_id}-from-{hashlib.sha256(donor.path.encode()).hexdigest()[:8]}"
-    cfg.run.name = run_name
-    params = {**hp, "optim.lr_d": cfg.optim.lr_d, "loss.real_label_hi": cfg.loss.real_label_hi}
-    run_id = start_run(config["_uri"], cfg.run.experiment, ctx.get_trial_name(),
-                       f"{config['_sweep_dir']}/{trial_id}", {**flatten(cfg), **params}, resume=True,
-                       parent_run_id=config["_parent"])
-    if config.get("_evaluation"):  # what the trial's FID means, as on a jobs.train run
-        from mlflow.tracking import MlflowClient
-
-        for k, v in config["_evaluation"].items():
-            MlflowClient(config["_uri"]).set_tag(run_id, f"facegan.fid_{k}", str(v))
-    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-
-    class ToTune(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            queue.put((metrics[0], checkpoint))  # the Checkpoint with its filesystem, not a local path
-
-    plan = Plan(cfg, run_name, config["_train_storage"], resume=False)
-    trainer = build_trainer(plan, config["_uri"], run_id, extra={"init_checkpoint": donor, "hp": params},
-                            callbacks=[ToTune()])
-    outcome: dict = {}
-
-    def fit():
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as e:  # re-raised in the trial
-            outcome["error"] = e
-
-    diverged, held, last = None, None, total_steps_of(cfg)
-    th = threading.Thread(target=fit, daemon=True)
-    th.start()
-    while th.is_alive() or not queue.empty():
-        try:
-            metrics, checkpoint = queue.get(timeout=1)
-        except Exception:  # queue.Empty
-            continue
-        if "diverged_at_step" in metrics:  # the worst score for the scheduler, then a failed trial
-            diverged = {**metrics, config["_metric"]: math.inf}
-            tune.report(diverged)
-        elif config["_metric"] in metrics:  # Tune wants its metric in every result it is given
-            if metrics.get("step", 0) >= last and th.is_alive():
-                # The last result makes ASHA stop the trial at max_t, which would kill the Train
-                # run mid-way through what follows it (the final audits): Tune gets it at the end.
-                held = (metrics, checkpoint)
-                continue
-            tune.report(metrics, checkpoint=checkpoint)
-    if held is not None and "error" not in outcome:
-        tune.report(held[0], checkpoint=held[1])
-    end_run(config["_uri"], run_id, "error" not in outcome and diverged is None)
-    if "error" in outcome:
-        raise outcome["error"]
-    if diverged is not None:
-        raise RuntimeError(f"trial {trial_id} diverged at step {int(diverged['diverged_at_step'])}")
-
-
-def clamp_to_space(space: dict, config: dict) -> dict:
-    """PBT's explore step multiplies values by 0.8 or 1.2, which can leave the searched range
-    (a real-label lo of 1.14): bring each searched value back inside its range."""
-    for key, spec in space.items():
-        if key in config and spec["type"] != "choice":
-            config[key] = min(max(config[key], spec["low"]), spec["high"])
-    return config
-
-
 def _max_concurrent(cfg: Config, sweep: Sweep) -> int:
-    import ray
-
     if sweep.max_concurrent > 0:
         return sweep.max_concurrent
     res, sc = ray.cluster_resources(), cfg.scale
@@ -245,11 +54,8 @@ def make_search(sweep: Sweep, seed: int, max_concurrent: int):
     """Random search or Optuna's TPE, seeded (train.seed): the same command draws the same trials.
     The concurrency limit lives here: TuneConfig.max_concurrent_trials is ignored (with only a
     log line) when the search is a BasicVariantGenerator made by hand."""
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-
     if sweep.search == "optuna":
-        import optuna
-        from ray.tune.search.optuna import OptunaSearch
+        import optuna  # an extra: load_sweep has checked it is installed
 
         return ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed)), max_concurrent)
     return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent)
@@ -257,10 +63,6 @@ def make_search(sweep: Sweep, seed: int, max_concurrent: int):
 
 def build_tuner(cfg: Config, sweep: Sweep, storage: str, uri: str, parent: str, resume: bool,
                 evaluation: dict | None = None):
-    from ray import tune
-    from ray.tune import CheckpointConfig, RunConfig as TuneRunConfig
-    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
-
     if sweep.scheduler == "pbt":  # an exploit needs a scored checkpoint every interval
         cfg.train.checkpoint_every = cfg.eval.every_steps = sweep.perturbation_interval
     fixed = {"_base": flatten(cfg), "_metric": sweep.metric, "_uri": uri, "_parent": parent, "_sweep_dir": f"{storage}/{sweep.name}",
@@ -298,10 +100,6 @@ def reporter(sweep: Sweep):
     """A concise trial table: the searched values, the step and the metric, best first, every 30 s.
     Ray's newer console output prints each trial's whole config (the base config included)
     with every result and takes no reporter, so the table reporter is selected."""
-    import os
-
-    from ray.tune import CLIReporter
-
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     return CLIReporter(metric_columns={"step": "step", sweep.metric: sweep.metric},
                        parameter_columns={k: k for k in sweep.space}, max_report_frequency=30,
@@ -331,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         if sweep.scheduler == "asha" and cfg.train.max_steps and sweep.grace_period > cfg.train.max_steps:
             raise ConfigError(f"{args.sweep}: grace_period {sweep.grace_period} exceeds train.max_steps "
                               f"{cfg.train.max_steps}")
-        from jobs.train import prepare
-
         plan = prepare(["--config", args.config, *rest, f"--run.name={sweep.name}-base"])
         storage = plan.storage_path
         if sweep.max_identity_auc < 1 and plan.cfg.eval.identity_audit != "on":
@@ -343,8 +139,6 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"sweep {sweep.name}: {storage}/{sweep.name} exists; pass --resume or rename it")
         if args.resume and not exists:
             raise ConfigError(f"--resume: no sweep at {storage}/{sweep.name}")
-        import ray
-
         if not ray.is_initialized():
             ray.init()
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -354,15 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from jobs.tracking import end_run, resolve_tracking_uri, start_run
-
     uri = resolve_tracking_uri()
     parent = start_run(uri, plan.cfg.run.experiment, f"sweep-{sweep.name}", f"{storage}/{sweep.name}",
                        {**flatten(plan.cfg), **{f"sweep.{k}": str(v) for k, v in vars(sweep).items()}},
                        resume=args.resume)
     if not args.resume:
-        from mlflow.tracking import MlflowClient
-
         MlflowClient(uri).log_text(parent, Path(args.sweep).read_text(), "sweep.toml")
     status = "FAILED"
     try:
@@ -377,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sweep interrupted with {unfinished} trial(s) unfinished; continue it with the same "
                   f"command and --resume", file=sys.stderr)
             return 130
-        from jobs.sweep_summary import summarize
-
         try:
             table, toml, best = summarize(results, sweep, uri, parent)
         except RuntimeError as e:  # nothing to rank, or no trial under the identity cap
@@ -390,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"best {sweep.metric} {best['score']:.4g} with {best['hp']}\n\n{toml}")
     print(f"parent_run_id: {parent}\ntracking_uri: {uri}")
+    if best.get("run_id"):  # from the sweep to faces in one command
+        print(f"best_generator: runs:/{best['run_id']}/generator\n"
+              f"  python -m jobs.sample --model runs:/{best['run_id']}/generator --out faces/")
     return 0
 
 

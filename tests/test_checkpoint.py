@@ -8,6 +8,7 @@ from torch import nn
 
 import gan.context
 from gan.checkpoint import load_state, save_state
+from gan.report import Report
 from gan.context import CHECKPOINT_FILE, LocalContext
 
 
@@ -40,7 +41,7 @@ def test_report_returns_before_the_write_and_the_file_holds_the_reported_state(t
     want_avg = opt.state[net[0].weight]["exp_avg"].clone()
 
     ctx = LocalContext(tmp_path, resume=False)
-    ctx.report(7, {"loss": 1.0}, checkpoint=lambda: _state(net, opt, 7))
+    ctx.report(Report(7, {"loss": 1.0}, checkpoint=lambda: _state(net, opt, 7)))
     assert not (tmp_path / CHECKPOINT_FILE).exists()  # report did not wait for the write
     for _ in range(3):  # training goes on: parameters, BN buffers and Adam state change in place
         opt.zero_grad(), net(torch.randn(16, 4)).square().mean().backward(), opt.step()
@@ -60,8 +61,8 @@ def test_report_returns_before_the_write_and_the_file_holds_the_reported_state(t
 def test_one_write_in_flight_and_the_later_state_wins(tmp_path, gated):
     gate, writers = gated
     ctx = LocalContext(tmp_path, resume=False)
-    ctx.report(1, {}, checkpoint=lambda: {"format": 1, "step": 1})
-    second = threading.Thread(target=ctx.report, args=(2, {}), kwargs={"checkpoint": lambda: {"format": 1, "step": 2}})
+    ctx.report(Report(1, checkpoint=lambda: {"format": 1, "step": 1}))
+    second = threading.Thread(target=ctx.report, args=(Report(2, checkpoint=lambda: {"format": 1, "step": 2}),))
     second.start()
     second.join(0.5)
     assert second.is_alive()  # the second checkpoint waits for the first write to end
@@ -74,10 +75,10 @@ def test_one_write_in_flight_and_the_later_state_wins(tmp_path, gated):
 
 def test_a_failed_background_write_is_raised_at_flush_and_keeps_the_old_file(tmp_path):
     ctx = LocalContext(tmp_path, resume=False)
-    ctx.report(1, {}, checkpoint=lambda: {"format": 1, "step": 1})
+    ctx.report(Report(1, checkpoint=lambda: {"format": 1, "step": 1}))
     ctx.flush()
     # A state torch.save cannot pickle: the write fails in the background thread.
-    ctx.report(2, {}, checkpoint=lambda: {"format": 1, "step": 2, "bad": lambda: None})
+    ctx.report(Report(2, checkpoint=lambda: {"format": 1, "step": 2, "bad": lambda: None}))
     with pytest.raises(Exception, match="pickle|lambda"):
         ctx.flush()
     ctx.flush()  # raised once, not forever

@@ -9,11 +9,11 @@ from torch import nn
 
 from datasets.shards import ShardSet
 from datasets.synthetic import write_generated
-from gan import audit as A
+from evaluation import memorization as A
 from gan.config import Config
 from gan.context import CHECKPOINT_FILE, LocalContext
-from gan.evaluate import Evaluator, Pixels, iter_rows
-from gan.loop import train_local
+from evaluation.fid import Evaluator, Pixels, iter_rows
+from compose import train_from_config
 
 
 class Replay(nn.Module):
@@ -71,7 +71,7 @@ def _cfg(faces, heldout, storage, steps=30):
 
 def test_best_generator_is_the_minimum_and_survives_resume(faces64, heldout, tmp_path):
     ctx = LocalContext(tmp_path / "a", resume=False)
-    res = train_local(_cfg(faces64, heldout, tmp_path), ctx)
+    res = train_from_config(_cfg(faces64, heldout, tmp_path), ctx)
     fids = {s: m["fid"] for s, m in ctx.history if "fid" in m}
     assert sorted(fids) == list(range(5, 31, 5))
     best_step = min(fids, key=fids.get)
@@ -81,9 +81,9 @@ def test_best_generator_is_the_minimum_and_survives_resume(faces64, heldout, tmp
     assert ctx.best_steps == improving
     # The checkpoint carries best and EMA, and a resumed run keeps comparing against them.
     first = LocalContext(tmp_path / "b", resume=False)
-    train_local(_cfg(faces64, heldout, tmp_path, steps=15), first)
+    train_from_config(_cfg(faces64, heldout, tmp_path, steps=15), first)
     second = LocalContext(tmp_path / "b", resume=True)
-    res2 = train_local(_cfg(faces64, heldout, tmp_path, steps=30), second)
+    res2 = train_from_config(_cfg(faces64, heldout, tmp_path, steps=30), second)
     assert res2.best == res.best
     from gan.checkpoint import load_state
     a, b = load_state(tmp_path / "a" / CHECKPOINT_FILE), load_state(tmp_path / "b" / CHECKPOINT_FILE)
@@ -121,7 +121,7 @@ def test_sample_cli_from_checkpoint_run_and_registry(faces64, heldout, tmp_path,
 
     cfg = _cfg(faces64, heldout, tmp_path, steps=5)
     cfg.eval.every_steps = 0
-    train_local(cfg, LocalContext(tmp_path / "run", resume=False))
+    train_from_config(cfg, LocalContext(tmp_path / "run", resume=False))
     ckpt = tmp_path / "run" / CHECKPOINT_FILE
     state = load_state(ckpt)
     run_id = start_run(mlflow_store, "samples", "r", str(tmp_path / "run"), flatten(cfg), resume=False)

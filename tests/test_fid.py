@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from datasets.shards import ShardSet
-from gan.evaluate import build_extractor, features_of_rows, iter_rows
-from gan.inception import STANDARD_SHA1, ExtractorError, InceptionFID
+from evaluation.fid import build_extractor, features_of_rows, iter_rows
+from evaluation.inception import STANDARD_SHA1, ExtractorError, InceptionFID
 from jobs import fid as fid_job
 
 N = 200  # per side: ~35 s of Inception on 2 cores, and FID's covariance still well defined for the check
@@ -127,7 +127,7 @@ def test_fid_cli_reads_every_kind_of_spec(faces64, tmp_path, capsys):
     args = ["--real", str(faces64), "--n", "48", "--extractor", "pixels", "--cache", str(tmp_path / "c")]
     outs = {}
     for name, spec in {"shards": str(faces64), "images": str(folder)}.items():
-        assert fid_job.main([*args, "--fake", spec]) == 0
+        assert fid_job.main([*args, "--model", spec]) == 0
         outs[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert outs["shards"]["fid"] == pytest.approx(outs["images"]["fid"], abs=1e-6)
     assert {"fid", "kid", "n_real", "n_fake", "protocol"} <= set(outs["images"])
@@ -135,14 +135,14 @@ def test_fid_cli_reads_every_kind_of_spec(faces64, tmp_path, capsys):
     (tmp_path / "text.pt").write_text("hello")
     for bad, needle in ((str(folder), "odd.png: not a readable image"), (str(tmp_path / "nowhere"), "expected a shard set"),
                         (str(tmp_path / "text.pt"), "cannot load a generator")):
-        assert fid_job.main([*args, "--n", "64", "--fake", bad]) == 2
+        assert fid_job.main([*args, "--n", "64", "--model", bad]) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1
 
 
 def test_weights_file_copy_is_accepted_as_standard(tmp_path, monkeypatch):
     """eval.inception_weights pointing at a copy of the standard file: same sha1, no warning."""
-    from gan.inception import default_weights
+    from evaluation.inception import default_weights
 
     copy = tmp_path / "inception.pt"
     shutil.copy(default_weights(), copy)

@@ -1,4 +1,4 @@
-"""The identity-leak audit (gan/identity.py, jobs.audit --identity) on the real CelebA sample.
+"""The identity-leak audit (evaluation/identity.py, jobs.audit --identity) on the real CelebA sample.
 
 Training set: 60 of the sample's 152 training people, 20 photos each. Controls:
 - positive: their other 10 photos (new photos of training people) as the fakes;
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from datasets.shards import ShardSet, ShardWriter, encode
-from gan import identity as I
+from evaluation import identity as I
 from jobs import audit as audit_job
 from jobs import train as train_job
 from jobs import tune as tune_job
@@ -52,7 +52,7 @@ def people(celeba64, tmp_path_factory):
 
 
 def _audit(capsys, people, celeba64, fake, *extra):
-    rc = audit_job.main(["--identity", "--fake", str(fake), "--train", str(people / "train"), "--heldout",
+    rc = audit_job.main(["--identity", "--model", str(fake), "--train", str(people / "train"), "--heldout",
                          str(celeba64 / "val"), "--n", "200", "--cache", str(people / "feature_cache"), *extra])
     out, err = capsys.readouterr()
     return rc, (json.loads(out.strip().splitlines()[-1]) if rc in (0, 1) else err)

@@ -9,7 +9,7 @@ from datasets.shards import ShardError, ShardReader, ShardSet, ShardWriter, enco
 from gan.checkpoint import load_state
 from gan.config import Config
 from gan.context import CHECKPOINT_FILE, LocalContext
-from gan.loop import train_local
+from compose import train_from_config
 from tests.conftest import ids_of, write_indexed
 
 
@@ -84,9 +84,9 @@ def _cfg(path, steps, workers):
 def test_training_on_loader_processes_is_the_same_run_and_resumes_exactly(faces64, tmp_path):
     """2 loader processes, interrupted at step 20 and resumed (into epoch 2: 32 steps an epoch),
     end with the weights of the run read in-process without a break."""
-    train_local(_cfg(faces64, 45, 0), LocalContext(tmp_path / "a", resume=False))
-    train_local(_cfg(faces64, 20, 2), LocalContext(tmp_path / "b", resume=False))
-    res = train_local(_cfg(faces64, 45, 2), LocalContext(tmp_path / "b", resume=True))
+    train_from_config(_cfg(faces64, 45, 0), LocalContext(tmp_path / "a", resume=False))
+    train_from_config(_cfg(faces64, 20, 2), LocalContext(tmp_path / "b", resume=False))
+    res = train_from_config(_cfg(faces64, 45, 2), LocalContext(tmp_path / "b", resume=True))
     assert res.resumed_from == 20 and res.step == 45
     a, b = load_state(tmp_path / "a" / CHECKPOINT_FILE), load_state(tmp_path / "b" / CHECKPOINT_FILE)
     assert a["data"] == b["data"] == {"epoch": 1, "batch": 13}

@@ -4,7 +4,7 @@ import torch
 from gan.checkpoint import load_state
 from gan.config import Config
 from gan.context import CHECKPOINT_FILE, LocalContext
-from gan.loop import train_local
+from compose import train_from_config
 
 
 def _cfg(path, max_steps, ema=0.0):
@@ -23,11 +23,11 @@ def _cfg(path, max_steps, ema=0.0):
 def test_resume_is_bit_exact(faces64, tmp_path):
     N = 20  # 512 faces / batch 16 = 32 steps an epoch: the resumed part crosses into epoch 2
     straight = LocalContext(tmp_path / "a", resume=False)
-    train_local(_cfg(faces64, 2 * N + 30, ema=0.9), straight)
+    train_from_config(_cfg(faces64, 2 * N + 30, ema=0.9), straight)
     first = LocalContext(tmp_path / "b", resume=False)
-    train_local(_cfg(faces64, N, ema=0.9), first)
+    train_from_config(_cfg(faces64, N, ema=0.9), first)
     second = LocalContext(tmp_path / "b", resume=True)
-    res = train_local(_cfg(faces64, 2 * N + 30, ema=0.9), second)
+    res = train_from_config(_cfg(faces64, 2 * N + 30, ema=0.9), second)
     assert res.resumed_from == N and res.step == 2 * N + 30
     a, b = load_state(tmp_path / "a" / CHECKPOINT_FILE), load_state(tmp_path / "b" / CHECKPOINT_FILE)
     assert a["step"] == b["step"] == 2 * N + 30 and a["data"] == b["data"] and a["data"]["epoch"] >= 1
@@ -45,7 +45,7 @@ def test_resume_is_bit_exact(faces64, tmp_path):
 
 def test_epoch_grids_and_final_checkpoint(faces64, tmp_path):
     ctx = LocalContext(tmp_path, resume=False)
-    res = train_local(_cfg(faces64, 40), ctx)
+    res = train_from_config(_cfg(faces64, 40), ctx)
     assert (tmp_path / "samples" / "epoch_001.png").is_file() and (tmp_path / "samples" / "final.png").is_file()
     assert (tmp_path / "samples" / "real.png").is_file()
     assert ctx.checkpoint_steps == [40] and res.step == 40
@@ -57,20 +57,21 @@ def test_epoch_grids_and_final_checkpoint(faces64, tmp_path):
 def test_divergence_stops_before_anything_non_finite_is_saved(faces64, tmp_path):
     good = _cfg(faces64, 6)
     good.train.checkpoint_every = 6
-    train_local(good, LocalContext(tmp_path, resume=False))
+    train_from_config(good, LocalContext(tmp_path, resume=False))
     before, grid = load_state(tmp_path / CHECKPOINT_FILE), (tmp_path / "samples" / "final.png").read_bytes()
     # The same run resumed with absurd learning rates: NaN within a window.
     bad = _cfg(faces64, 30)
     bad.train.checkpoint_every = 3
     bad.optim.lr_d = bad.optim.lr_g = 1e30
     ctx = LocalContext(tmp_path, resume=True)
-    res = train_local(bad, ctx)
+    res = train_from_config(bad, ctx)
     assert res.step == 9 and "at step 9" in res.diverged and "last good checkpoint is step 6" in res.diverged
     assert "d_loss" in res.diverged and ctx.tags["facegan.failed_reason"] == res.diverged
     assert ctx.checkpoint_steps == [] and ctx.best_steps == []  # nothing written after step 6
     after = load_state(tmp_path / CHECKPOINT_FILE)
     assert after["step"] == 6 and all(torch.equal(before["G"][k], after["G"][k]) for k in before["G"])
-    assert ctx.history[-1] == (9, {"diverged_at_step": 9.0})
+    assert ctx.reports[-1].step == 9 and ctx.reports[-1].diverged == res.diverged  # a typed signal,
+    assert all("diverged_at_step" not in m for _, m in ctx.history)  # not a metric key
     assert (tmp_path / "samples" / "final.png").read_bytes() == grid  # no grid of NaN faces
 
 

@@ -11,7 +11,7 @@ import torch
 
 from gan.config import Config
 from gan.context import LocalContext
-from gan.loop import train_local
+from compose import train_from_config
 from gan.perf import SWITCHES, resolve
 
 STEPS = 8
@@ -25,7 +25,7 @@ def _losses(faces, tmp_path, **switches):
     for name in SWITCHES:
         setattr(c.perf, name, switches.get(name, "off"))
     ctx = LocalContext(tmp_path / "_".join(sorted(switches)) if switches else tmp_path / "base", resume=False)
-    train_local(c, ctx)
+    train_from_config(c, ctx)
     return [(m["d_loss"], m["g_loss"]) for _, m in ctx.history if "d_loss" in m]
 
 

@@ -58,7 +58,7 @@ def test_publishing_while_training_traces_nothing_in_this_process(mlflow_store, 
         # 40 steps after the last one was handed over.
         while time.monotonic() < deadline:
             if steps % 20 == 0 and published < 4:
-                tracker.log_generator(nets.G.module, cfg.model, step=steps, metrics={"fid": 100.0 - steps},
+                tracker.log_generator(nets.G.module, cfg.model, step=steps, scores={"fid": 100.0 - steps},
                                       register_as="publish-race")
                 published += 1
             train_step(x, nets=nets, cfg=cfg.loss, gen=gen)
@@ -116,20 +116,20 @@ def test_only_the_training_thread_runs_modules(faces64, mlflow_store, tmp_path):
     tracking writer publishing a new best at each of several evaluations): every module forward
     in this process runs on the training thread."""
     from gan.context import LocalContext
-    from gan.loop import train_local
+    from compose import train_from_config
 
     class Tracked(LocalContext):
         def __init__(self, out, tracker, model_cfg):
             super().__init__(out, resume=False)
             self.tracker, self.model_cfg = tracker, model_cfg
 
-        def report(self, step, metrics, checkpoint=None, artifacts=None, model=None, tags=None):
-            super().report(step, metrics, checkpoint, artifacts, model, tags)
-            self.tracker.log_metrics(step, metrics)
-            if artifacts:
-                self.tracker.log_images(step, artifacts)
-            if model is not None:
-                self.tracker.log_generator(model, self.model_cfg, step=step, metrics=metrics)
+        def report(self, r):
+            super().report(r)
+            self.tracker.log_metrics(r.step, r.logged())
+            if r.artifacts:
+                self.tracker.log_images(r.step, r.artifacts)
+            if r.model is not None:
+                self.tracker.log_generator(r.model, self.model_cfg, step=r.step, scores=r.scores)
 
     cfg = Config()
     cfg.data.path, cfg.model.width, cfg.scale.num_workers = str(faces64), 0.0625, 1
@@ -144,7 +144,7 @@ def test_only_the_training_thread_runs_modules(faces64, mlflow_store, tmp_path):
     hook = torch.nn.modules.module.register_module_forward_pre_hook(
         lambda m, a: threads.add(threading.current_thread().name))
     try:
-        train_local(cfg, ctx)
+        train_from_config(cfg, ctx)
     finally:
         hook.remove()
         assert tracker.close(grace=5) == 0

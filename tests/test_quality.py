@@ -13,7 +13,7 @@ from gan.checkpoint import load_state
 from gan.config import Config, ModelConfig
 from gan.context import CHECKPOINT_FILE, LocalContext
 from gan.health import Health
-from gan.loop import train_local
+from compose import train_from_config
 from gan.models import Generator, sample_z
 from jobs import audit as audit_job
 
@@ -27,9 +27,9 @@ def _cfg(path, steps, ema=0.0):
 
 
 def test_ema_turned_on_at_resume_starts_from_the_trained_weights(faces64, tmp_path):
-    train_local(_cfg(faces64, 10), LocalContext(tmp_path, resume=False))
+    train_from_config(_cfg(faces64, 10), LocalContext(tmp_path, resume=False))
     g10 = load_state(tmp_path / CHECKPOINT_FILE)["G"]
-    train_local(_cfg(faces64, 11, ema=0.5), LocalContext(tmp_path, resume=True))
+    train_from_config(_cfg(faces64, 11, ema=0.5), LocalContext(tmp_path, resume=True))
     state = load_state(tmp_path / CHECKPOINT_FILE)
     # One update with decay 0.5 from the loaded weights: ema = (G_10 + G_11) / 2, exactly so.
     for name, p in Generator(ModelConfig(width=0.0625)).named_parameters():
@@ -69,7 +69,7 @@ def test_health_metrics_every_window_and_flags(faces64, tmp_path):
     ctx = LocalContext(tmp_path, resume=False)
     c = _cfg(faces64, 10)
     c.eval.real_path = str(faces64.parent / "val")
-    train_local(c, ctx)
+    train_from_config(c, ctx)
     logged = [m for _, m in ctx.history if "d_loss" in m]
     keys = {"g_grad_norm", "d_grad_norm", "diversity", "d_score_train", "d_score_heldout", "d_overfit_gap"}
     assert logged and all(keys <= set(m) for m in logged)
@@ -106,8 +106,8 @@ def test_audit_run_config_ignores_derived_sweep_params():
 
 
 def _audit(capsys, celeba64, fake, heldout="val", n=500, extra=()):
-    rc = audit_job.main(["--fake", str(fake), "--train", str(celeba64 / "train"), "--heldout",
-                         str(celeba64 / heldout), "--n", str(n), "--space", "pixels", "--device", "cpu",
+    rc = audit_job.main(["--model", str(fake), "--train", str(celeba64 / "train"), "--heldout",
+                         str(celeba64 / heldout), "--n", str(n), "--extractor", "pixels", "--device", "cpu",
                          "--cache", str(celeba64 / "cache"), *extra])
     out, err = capsys.readouterr()
     return rc, (json.loads(out.strip().splitlines()[-1]) if rc in (0, 1) else err)

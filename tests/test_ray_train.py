@@ -44,10 +44,10 @@ def _ddp_probe(config):
     import torch.distributed as dist
 
     from gan.config import from_flat
-    from gan.loop import train_local
+    from compose import train_from_config
     from jobs.ray_context import RayTrainContext
 
-    result = train_local(from_flat(config["cfg"]), RayTrainContext(None))
+    result = train_from_config(from_flat(config["cfg"]), RayTrainContext(None))
     flat = torch.cat([p.detach().flatten() for p in result.generator.parameters()]
                      + [p.detach().flatten() for p in result.discriminator.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
@@ -254,7 +254,7 @@ def _eval_probe(config):
     import numpy as np
 
     from datasets.shards import ShardSet
-    from gan.evaluate import Evaluator, Pixels, iter_rows
+    from evaluation.fid import Evaluator, Pixels, iter_rows
 
     def faces(shards, n):
         return np.concatenate(list(iter_rows(shards, n)))
@@ -290,7 +290,7 @@ def test_distributed_fid_equals_single_process(faces64, tmp_path):
 
     from datasets.shards import ShardSet
     from datasets.synthetic import write_generated
-    from gan.evaluate import Evaluator, Pixels, iter_rows
+    from evaluation.fid import Evaluator, Pixels, iter_rows
 
     def faces(shards, n):
         return np.concatenate(list(iter_rows(shards, n)))
@@ -340,7 +340,7 @@ def test_run_with_evaluation_registers_best_and_audits(faces64, tmp_path, mlflow
     assert len(client.get_metric_history(run_id, "audit_fraction_memorized")) == 1
     from jobs import audit
 
-    assert audit.main(["--run", run_id, "--samples", "32"]) in (0, 1)  # the CLI, on the logged model
+    assert audit.main(["--run", run_id, "--n", "32"]) in (0, 1)  # the CLI, on the logged model
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["n_fake"] == 32 and report["n_train"] == 512 and report["n_heldout"] == 128
     assert len(client.get_metric_history(run_id, "audit_fraction_memorized")) == 2
@@ -350,7 +350,7 @@ def test_logged_fid_is_that_of_the_logged_generator(faces64, tmp_path, mlflow_st
     """2 workers, standard Inception: the FID logged at the published step equals jobs.fid on the
     published model in one process (BN statistics averaged over the ranks before evaluating), and
     the run records the extractor's hash."""
-    from gan.inception import STANDARD_SHA1
+    from evaluation.inception import STANDARD_SHA1
     from jobs import fid as fid_job
 
     assert train_job.main(_args(faces64, tmp_path / "runs", "consistent", 20, "--eval.every_steps=10",

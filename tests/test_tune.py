@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gan.config import Config, ConfigError, flatten, load
-from jobs import tune as tune_job
+from jobs import relay, sweep as sweep_file, tune as tune_job
 from tests.conftest import ROOT, child_runs
 
 SPACE = '''
@@ -49,7 +49,7 @@ def _args(faces, storage, sweep, steps=24, *extra):
 ])
 def test_bad_sweep_files_fail_before_any_trial(tmp_path, space, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
-        tune_job.load_sweep(_sweep(tmp_path, "bad", "", space))
+        sweep_file.load_sweep(_sweep(tmp_path, "bad", "", space))
 
 
 @pytest.mark.parametrize("body, needle", [
@@ -58,11 +58,11 @@ def test_bad_sweep_files_fail_before_any_trial(tmp_path, space, needle):
 ])
 def test_sweep_options_of_the_wrong_type_fail_by_name(tmp_path, body, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
-        tune_job.load_sweep(_sweep(tmp_path, "bad", body))
+        sweep_file.load_sweep(_sweep(tmp_path, "bad", body))
 
 
 def test_derived_fields_keep_lr_ratio_and_label_range():
-    cfg = tune_job.trial_config(flatten(Config()), {"optim.lr_g": 1e-4, "optim.lr_ratio": 3.0,
+    cfg = sweep_file.trial_config(flatten(Config()), {"optim.lr_g": 1e-4, "optim.lr_ratio": 3.0,
                                                     "loss.real_label_lo": 0.8, "loss.real_label_hi_frac": 0.5})
     assert cfg.optim.lr_d == pytest.approx(3e-4) and cfg.loss.real_label_hi == pytest.approx(0.9)
 
@@ -70,32 +70,32 @@ def test_derived_fields_keep_lr_ratio_and_label_range():
 def test_optuna_search_without_optuna_fails_before_any_trial(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # how Python marks a module as not importable
     with pytest.raises(ConfigError, match=r'search = "optuna" needs Optuna'):
-        tune_job.load_sweep(_sweep(tmp_path, "opt", 'search = "optuna"'))
+        sweep_file.load_sweep(_sweep(tmp_path, "opt", 'search = "optuna"'))
 
 
 def test_pbt_explore_stays_inside_the_searched_ranges(tmp_path):
-    sweep = tune_job.load_sweep(_sweep(tmp_path, "pbt", 'scheduler = "pbt"'))
+    sweep = sweep_file.load_sweep(_sweep(tmp_path, "pbt", 'scheduler = "pbt"'))
     # PBT's explore multiplies by 1.2 or 0.8; a label lo of 0.95 becomes 1.14 (lo > hi = 1).
-    out = tune_job.clamp_to_space(sweep.space, {"loss.real_label_lo": 0.95 * 1.2, "optim.lr_g": 5e-5 * 0.8,
+    out = sweep_file.clamp_to_space(sweep.space, {"loss.real_label_lo": 0.95 * 1.2, "optim.lr_g": 5e-5 * 0.8,
                                                 "optim.lr_ratio": 1.0, "_base": {}})
     assert out == {"loss.real_label_lo": 1.0, "optim.lr_g": 5e-5, "optim.lr_ratio": 1.0, "_base": {}}
-    tune_job.trial_config(flatten(Config()), {k: v for k, v in out.items() if k != "_base"})  # valid
+    sweep_file.trial_config(flatten(Config()), {k: v for k, v in out.items() if k != "_base"})  # valid
 
 
 @pytest.mark.parametrize("search", ["random", "optuna"])
 def test_search_is_seeded_by_train_seed(tmp_path, search):
     from ray import tune
 
-    sweep = tune_job.load_sweep(_sweep(tmp_path, "s", f'search = "{search}"'))
+    sweep = sweep_file.load_sweep(_sweep(tmp_path, "s", f'search = "{search}"'))
 
     def draw(seed):
         s = tune_job.make_search(sweep, seed, max_concurrent=2)
         if search == "random":
-            s.add_configurations(tune.Experiment("s", tune_job.trainable, config=tune_job.tune_space(sweep),
+            s.add_configurations(tune.Experiment("s", relay.trainable, config=sweep_file.tune_space(sweep),
                                                  num_samples=3))
             picks = [getattr(s.next_trial(), "config", None) for _ in range(3)]
         else:
-            s.set_search_properties("fid", "min", tune_job.tune_space(sweep))
+            s.set_search_properties("fid", "min", sweep_file.tune_space(sweep))
             picks = [s.suggest(str(i)) for i in range(3)]
         assert picks[2] is None, "the concurrency limit did not hold the third trial back"
         return picks[:2]
@@ -106,21 +106,21 @@ def test_search_is_seeded_by_train_seed(tmp_path, search):
 
 def test_sweep_config_table_sits_between_preset_and_command_line(tmp_path):
     sweep = _sweep(tmp_path, "cfg", "num_samples = 2", SPACE + '[config]\n"train.max_steps" = 77\n"eval.num_samples" = 99\n')
-    assert tune_job.load_sweep(sweep).config == {"train.max_steps": 77, "eval.num_samples": 99}
+    assert sweep_file.load_sweep(sweep).config == {"train.max_steps": 77, "eval.num_samples": 99}
     bad = _sweep(tmp_path, "bad", "num_samples = 2", SPACE + '[config]\n"train.max_stepz" = 1\n')
     with pytest.raises(ConfigError, match=r"\[config\] unknown config key 'train.max_stepz'"):
-        tune_job.load_sweep(bad)
-    shipped = tune_job.load_sweep(str(ROOT / "configs" / "sweeps" / "smoke.toml"))
+        sweep_file.load_sweep(bad)
+    shipped = sweep_file.load_sweep(str(ROOT / "configs" / "sweeps" / "smoke.toml"))
     assert shipped.config["eval.extractor"] == "inception" and shipped.config["train.max_steps"] > 0
     # Recipe switches as categorical choices: every combination is a valid trial config.
-    recipes = tune_job.load_sweep(str(ROOT / "configs" / "sweeps" / "recipes.toml"))
+    recipes = sweep_file.load_sweep(str(ROOT / "configs" / "sweeps" / "recipes.toml"))
     base = flatten(load(str(ROOT / "configs" / "celeba64.toml"), [f"--{k}={v}" for k, v in recipes.config.items()]))
     import itertools
 
     choices = {k: v["values"] for k, v in recipes.space.items() if v["type"] == "choice"}
     assert set(choices) >= {"model.d_norm", "model.g_upsample", "loss.kind", "loss.diffaug"}
     for combo in itertools.product(*choices.values()):
-        tune_job.trial_config(base, {**dict(zip(choices, combo)), "optim.lr_ratio": 4.0, "optim.lr_g": 1e-4})
+        sweep_file.trial_config(base, {**dict(zip(choices, combo)), "optim.lr_ratio": 4.0, "optim.lr_g": 1e-4})
 
 
 def test_sweep_without_its_extractor_fails_before_any_trial(faces64, tmp_path, mlflow_store, capsys, monkeypatch):

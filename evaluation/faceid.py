@@ -18,6 +18,10 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from evaluation import cache
+from evaluation.fid import manifest_digest
 
 PROTOCOL = "dlib-resnet-v1/bicubic-256/hog-or-whole-crop/5pt/jitter0"
 MODELS = ("shape_predictor_5_face_landmarks.dat", "dlib_face_recognition_resnet_model_v1.dat")
@@ -57,8 +61,6 @@ def _load():
 
 
 def _describe(faces: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
     detect, landmarks, resnet, rectangle = _load()
     out = np.empty((len(faces), 128), np.float32)
     for i, face in enumerate(faces):
@@ -102,9 +104,6 @@ class DlibFaceID:
 
 def embed_shards(shards, matcher: DlibFaceID, cache_dir: str | Path | None = None) -> np.ndarray:
     """Every face of a shard set, in stored order (cached when ``cache_dir`` is given)."""
-    from gan.evaluate import manifest_digest
-
-    from gan import cache
 
     name = f"faceid-{matcher.key}-{manifest_digest(shards)}.npy" if cache_dir is not None else None
     if name is not None and (cached := cache.load_array(cache_dir, name)) is not None:

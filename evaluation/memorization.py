@@ -1,7 +1,7 @@
 """Memorization audit: are generated faces closer to training faces than unseen real faces are?
 
 Feature space: the standard FID Inception's pool features (``inception``, default) or the 16x16
-``pixels`` space of gan/evaluate.py, compared by Euclidean distance. Every training face is
+``pixels`` space of evaluation/fid.py, compared by Euclidean distance. Every training face is
 searched (features computed in chunks on the run's device, cached like FID's real side).
 
 Calibration: the held-out faces (never trained on, and checked to share no row with the

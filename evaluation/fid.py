@@ -8,7 +8,7 @@ faces on 1 or N workers, and ``python -m jobs.fid`` on the logged generator repr
 logged FID.
 
 Feature extractors (``eval.extractor``):
-- ``inception``: the standard FID InceptionV3 and protocol of gan/inception.py (offline).
+- ``inception``: the standard FID InceptionV3 and protocol of evaluation/inception.py (offline).
 - ``pixels``: images area-downsampled to 16x16 RGB (768-d). Not comparable to published FIDs;
   for unit tests and quick looks.
 
@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.shards import ShardSet
-from gan import cache
-from gan.inception import PROTOCOL, ExtractorError, InceptionFID
+from evaluation import cache
+from evaluation.inception import PROTOCOL, ExtractorError, InceptionFID
+from gan.models import sample_z
 
 EXTRACTORS = ("inception", "pixels")
 # KID keeps every feature row by design (it needs them for its subsets); at eval sizes that is
@@ -88,8 +89,6 @@ def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
 
 def eval_latents(num_samples: int, z_dim: int, seed: int) -> torch.Tensor:
     """The evaluation's latents: the same for every world size (ranks take [rank::world])."""
-    from gan.models import sample_z
-
     return sample_z(num_samples, z_dim, torch.Generator().manual_seed(seed * 7919 + 17))
 
 
@@ -117,7 +116,7 @@ def features_of_rows(shards: ShardSet, n: int, extractor: nn.Module, device, bat
     n = min(n, shards.count)
     name = None
     if cache_dir is not None:
-        import torchmetrics
+        import torchmetrics  # not on the GPU benchmark machines, which train without scoring
 
         key = hashlib.sha256(json.dumps([manifest_digest(shards), extractor_key(extractor), n,
                                          torch.__version__, torchmetrics.__version__]).encode()).hexdigest()[:24]
@@ -141,7 +140,7 @@ class Evaluator:
     def __init__(self, extractor: nn.Module, real: ShardSet, num_samples: int, rank: int, world: int,
                  device: torch.device, cache_dir: str | Path | None, batch_size: int = 100,
                  kid_subset_size: int = 1000, seed: int = 0):
-        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.fid import FrechetInceptionDistance  # see features_of_rows
         from torchmetrics.image.kid import KernelInceptionDistance
 
         self.rank, self.world, self.device, self.batch = rank, world, device, batch_size
@@ -179,7 +178,7 @@ class Evaluator:
 @torch.no_grad()
 def score_features(real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int = 1000) -> dict[str, float]:
     """FID and KID (mean, std) of two feature sets, in one process (jobs.fid)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.fid import FrechetInceptionDistance  # see features_of_rows
     from torchmetrics.image.kid import KernelInceptionDistance
 
     ident = Features(Pixels())  # feature rows (2-D) pass straight through Features

@@ -1,8 +1,8 @@
 """Identity-leak audit: do generated faces show the people the generator was trained on?
 
-Image-space audits (gan/audit.py) catch copies of training photos; a GAN can also draw new
+Image-space audits (evaluation/memorization.py) catch copies of training photos; a GAN can also draw new
 photos of a training person (Webster et al. 2021, "This Person (Probably) Exists"). With a face
-matcher (gan/faceid.py: unit vectors, Euclidean distance) and the identity labels of the
+matcher (evaluation/faceid.py: unit vectors, Euclidean distance) and the identity labels of the
 training and held-out sets (people never trained on):
 
 - **Calibration** (``calibrate``): every held-out photo is searched against the training
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.stats import binom, mannwhitneyu
 
-from gan.audit import nearest as _nearest
+from evaluation.memorization import nearest as _nearest
 
 MIN_HELDOUT_IDENTITIES = 10
 
@@ -41,7 +41,7 @@ class IdentityAuditError(ValueError):
 
 def nearest(query: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each query row's nearest gallery row (Euclidean distance, index): the image-space
-    audit's chunked search (gan/audit.py), on face vectors."""
+    audit's chunked search (evaluation/memorization.py), on face vectors."""
     d, idx = _nearest(torch.from_numpy(np.ascontiguousarray(query)), torch.from_numpy(np.ascontiguousarray(gallery)))
     return d.numpy(), idx.numpy()
 
