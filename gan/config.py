@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from gan.augment import parse
+from gan.report import SCORES
 
 
 class ConfigError(ValueError):
@@ -357,7 +358,7 @@ def validate(cfg: Config) -> Config:
     checks += [
         (e.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: off)"),
         (e.num_samples >= 2 * sc.num_workers, "eval.num_samples", f"must be >= 2 per worker, got {e.num_samples}"),
-        (e.metric in ("fid", "kid"), "eval.metric", f"must be fid or kid, got {e.metric!r}"),
+        (e.metric in SCORES, "eval.metric", f"must be one of {', '.join(SCORES)}, got {e.metric!r}"),
         (e.extractor in ("inception", "pixels"), "eval.extractor",
          f"must be inception or pixels, got {e.extractor!r}"),
         (e.batch_size >= 1 and e.kid_subset_size >= 2, "eval.batch_size/kid_subset_size", "must be positive"),

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from evaluation.fid import eval_latents
 from gan.images import grid, to_uint8
 from gan.models import sample_z
-from evaluation.fid import eval_latents
 from jobs.cli import Parser
 from jobs.specs import SpecError
 from jobs.specs import load_generator as load_or_explain

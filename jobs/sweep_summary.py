@@ -65,13 +65,8 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
     client = MlflowClient(uri)
     children = {run.data.tags.get("facegan.run_dir"): run for run in client.search_runs(
         [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")}
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-    writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda row: row[sweep.metric]))
-    best_cfg = trial_config(best[1].config["_base"], best[2])
-    toml = to_toml(best_cfg)
-    client.log_text(parent, buf.getvalue(), "results.csv")
+    table, toml = results_csv(rows, sweep.metric), best_preset(best)
+    client.log_text(parent, table, "results.csv")
     client.log_text(parent, toml, "best_config.toml")
     sweep_dir = best[1].config["_sweep_dir"]
     last = {f"{sweep_dir}/{row['trial']}": row["last_step"] for row in rows}
@@ -96,8 +91,22 @@ def summarize(results, sweep: Sweep, uri: str, parent: str) -> tuple[str, str, d
                    + "). Artifacts: results.csv, best_config.toml (a preset), sweep_fid.png"
                    + (", sweep_identity.png" if any("identity_auc" in row for row in rows) else "") + ".")
     best_run = children.get(f"{sweep_dir}/{Path(best[1].path).name}")
-    return buf.getvalue(), toml, {"score": best[0], "hp": best[2],
-                                  "run_id": best_run.info.run_id if best_run is not None else None}
+    return table, toml, {"score": best[0], "hp": best[2],
+                         "run_id": best_run.info.run_id if best_run is not None else None}
+
+
+def results_csv(rows: list[dict], metric: str) -> str:
+    """Every trial's row, best first."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(sorted(rows, key=lambda row: row[metric]))
+    return buf.getvalue()
+
+
+def best_preset(best: tuple) -> str:
+    """The best trial's config as a preset (best_config.toml)."""
+    return to_toml(trial_config(best[1].config["_base"], best[2]))
 
 
 def _png_image(png: bytes):

@@ -31,7 +31,7 @@ from jobs.preflight import exists as storage_exists
 from jobs.preflight import ray_storage
 from jobs.relay import trainable
 from jobs.sweep import Sweep, clamp_to_space, load_sweep, trial_config, tune_space
-from jobs.sweep_summary import summarize
+from jobs.sweep_summary import best_preset, rank, results_csv, summarize
 from jobs.tracking import end_run, resolve_tracking_uri, start_run
 from jobs.train import prepare
 
@@ -167,14 +167,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sweep interrupted with {unfinished} trial(s) unfinished; continue it with the same "
                   f"command and --resume", file=sys.stderr)
             return 130
-        try:
-            table, toml, best = summarize(results, sweep, uri, parent)
+        try:  # from Tune's results alone: the privacy cap holds whatever MLflow does
+            rows, ranked = rank(results, sweep)
         except RuntimeError as e:  # nothing to rank, or no trial under the identity cap
             print(f"error: {e}", file=sys.stderr)
             return 1
+        try:
+            table, toml, best = summarize(results, sweep, uri, parent)
+        except Exception as e:  # noqa: BLE001 - the tracking server went away: the ranking stands
+            print(f"facegan: the sweep's summary could not be recorded in MLflow ({str(e).splitlines()[0][:200]})",
+                  file=sys.stderr)
+            table, toml, best = results_csv(rows, sweep.metric), best_preset(ranked), \
+                {"score": ranked[0], "hp": ranked[2], "run_id": None}
         status = "FINISHED"
     finally:
-        end_run(uri, parent, status)
+        try:
+            end_run(uri, parent, status)
+        except Exception as e:  # noqa: BLE001 - an unreachable server must not hide the result
+            print(f"facegan: the sweep's parent run could not be ended in MLflow ({str(e).splitlines()[0][:200]})",
+                  file=sys.stderr)
     print(table)
     print(f"best {sweep.metric} {best['score']:.4g} with {best['hp']}\n\n{toml}")
     print(f"parent_run_id: {parent}\ntracking_uri: {uri}")
