@@ -72,7 +72,7 @@ def _load(source: str) -> torch.nn.Module:
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"--model {source}: expected runs:/…, models:/… or a checkpoint (file or folder)")
+        raise FileNotFoundError("no such file or folder; expected runs:/…, models:/… or a checkpoint (file or folder)")
     state = load_state(path)
     return generator_from_state(state, from_flat(state["config"]).model)
 
