@@ -3,6 +3,7 @@
     python -m datasets.celeba --src img_align_celeba.zip --partition list_eval_partition.txt \\
         --out data/celeba128 --size 128 [--encoding jpeg] [--workers N] \
         [--identities identity_CelebA.txt]   # an int `identity` column: who is in each photo
+        [--train-people K]   # the training split keeps its first K people only (val/test whole)
     python -m datasets.celeba ... --out s3://bucket/celeba128   # AWS_ENDPOINT_URL_S3 for others
 
 Streams from the zip (nothing is extracted), one process per core. Writes
@@ -20,6 +21,10 @@ so 128 px output needs no resampling and 64 px is an antialiased (Lanczos) downs
   with ``--identities``, from the identity file) and repeated file names: rejected (kept out of
   the shards, listed in rejected.jsonl). A name listed twice in either file is an error.
 Names are matched to the partition file by stem, so PNG copies of CelebA match too.
+``--train-people K`` (with ``--identities``) keeps, in the training split, every photo of the K
+training people with the lowest identity numbers and no one else: a small private set of few
+people with many photos each, where a generator is most likely to learn who they are (the
+identity-leak stress protocol, docs/privacy.md). The held-out splits stay whole.
 The exit status is 1 only when the rejected fraction exceeds ``--max-rejected``.
 
 Rerunning after an interruption keeps every finished shard (its footer records what it was
@@ -125,9 +130,10 @@ def read_identities(path: str) -> dict[str, int]:
                          lambda v: int(v) if v.isdigit() else None)
 
 
-def plan(members: list[str], partition: dict[str, str],
-         identities: dict[str, int] | None = None) -> tuple[dict[str, list[str]], list[dict]]:
-    """Which member goes to which split, and which are rejected before decoding."""
+def plan(members: list[str], partition: dict[str, str], identities: dict[str, int] | None = None,
+         train_people: int = 0) -> tuple[dict[str, list[str]], list[dict]]:
+    """Which member goes to which split, and which are rejected before decoding (``train_people``
+    > 0: the training split keeps the photos of its first that many people, by identity number)."""
     splits: dict[str, list[str]] = {s: [] for s in SPLITS.values()}
     rejected, first_seen = [], {}
     for m in members:
@@ -145,6 +151,10 @@ def plan(members: list[str], partition: dict[str, str],
         else:
             first_seen[p.stem] = m
             splits[partition[p.stem]].append(m)
+    if train_people > 0 and identities is not None:
+        train = splits[SPLITS["0"]]
+        keep = set(sorted({identities[PurePosixPath(m).stem] for m in train})[:train_people])
+        splits[SPLITS["0"]] = [m for m in train if identities[PurePosixPath(m).stem] in keep]
     return splits, rejected
 
 
@@ -213,6 +223,8 @@ def parse_args(argv):
     p.add_argument("--src", required=True, help="img_align_celeba.zip or a folder of images")
     p.add_argument("--partition", required=True, help="list_eval_partition.txt")
     p.add_argument("--identities", help="identity_CelebA.txt: store who is in each photo (the identity audit)")
+    p.add_argument("--train-people", type=int, default=0,
+                   help="keep only the first K training people (by identity number), all their photos; needs --identities")
     p.add_argument("--out", required=True, help="a folder or s3://bucket/prefix")
     p.add_argument("--size", type=int, choices=(64, 128), required=True)
     p.add_argument("--encoding", choices=ENCODINGS, default="jpeg")
@@ -233,6 +245,8 @@ def parse_args(argv):
     if a.crop and crop[2] - crop[0] != crop[3] - crop[1]:
         p.error(f"--crop {a.crop!r}: the box must be square")
     a.crop = list(crop)
+    if a.train_people < 0 or (a.train_people and not a.identities):
+        p.error(f"--train-people {a.train_people}: expected a count >= 1 together with --identities")
     return a
 
 
@@ -246,7 +260,7 @@ def convert(a) -> dict:
     opts = {"size": a.size, "encoding": a.encoding, "quality": a.quality, "crop": a.crop,
             "unexpected_size": a.unexpected_size}
     members = source.members()
-    splits, rejected = plan(members, partition, identities)
+    splits, rejected = plan(members, partition, identities, a.train_people)
     writers, tasks, pending, skipped = {}, [], {}, 0
     for split, names in splits.items():
         if not names:

@@ -215,3 +215,20 @@ def test_identity_file_names_missing_twice_and_malformed(bad_zip, tmp_path, caps
     bad.write_text(f"{listing[0]}\n000002.jpg person\n")
     assert _convert(tmp_path, src, tmp_path / "o3", "--size", "64", "--identities", str(bad)) == 2
     assert f"{bad}:2: expected '<file name> <identity number>', got '000002.jpg person'" in capsys.readouterr().err
+
+
+def test_train_people_keeps_the_first_people_whole(tmp_path, capsys):
+    """--train-people K: the leak stress protocol's small private set (docs/privacy.md)."""
+    out = tmp_path / "few"
+    assert _convert(tmp_path, ZIP, out, "--size", "64", "--identities", str(IDENTITIES), "--train-people", "5") == 0
+    train, val = ShardSet(out / "train"), ShardSet(out / "val")
+    split = dict(line.split() for line in PARTITION.read_text().splitlines())
+    people = sorted({int(p) for name, p in (line.split() for line in IDENTITIES.read_text().splitlines())
+                     if split.get(name) == "0"})
+    who = train.identities()
+    assert sorted(set(who.tolist())) == people[:5]  # the first five training people by identity number
+    assert train.count == 150 and all((who == p).sum() == 30 for p in people[:5])  # all their photos
+    assert val.count == 780 and len(set(val.identities().tolist())) == 26  # held-out splits stay whole
+    with pytest.raises(SystemExit):
+        _convert(tmp_path, ZIP, tmp_path / "o", "--size", "64", "--train-people", "5")
+    assert "--train-people 5: expected a count >= 1 together with --identities" in capsys.readouterr().err
