@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from datasets.loader import BatchSource, loader_workers
+from datasets.poisson import PoissonBatches
 from datasets.shards import ShardSet
 from evaluation.fid import (
     Evaluator,
@@ -20,10 +21,12 @@ from evaluation.fid import (
     features_of_rows,
     iter_rows,
 )
+from evaluation.leak import IdentityLeak, verdict
 from gan.config import Config
 from gan.context import Context
 from gan.health import PROBE, Health
 from gan.loop import TrainResult, train
+from gan.report import LEAK
 
 
 class NoHeldOut(ValueError):
@@ -62,14 +65,42 @@ def prepare_evaluation(cfg: Config, device: str = "cpu") -> dict:
     return {**describe(extractor), "real_path": real.path, "n_real": n}
 
 
-def make_scorer(cfg: Config, ctx: Context) -> Evaluator | None:
-    """FID/KID against the held-out faces; None when evaluation is off (eval.every_steps = 0)."""
+class LeakScorer:
+    """FID/KID on every rank, then the identity audit (evaluation/leak.py) on rank 0, its numbers
+    shared with every rank: the scores the best generator is chosen on, and what the privacy cap
+    (eval.max_identity_auc) reads."""
+
+    def __init__(self, fid: Evaluator, leak: IdentityLeak | None, ctx: Context):
+        self.fid, self.leak, self.ctx = fid, leak, ctx
+
+    def __call__(self, G: torch.nn.Module) -> dict[str, float]:
+        scores, ctx = self.fid(G), self.ctx
+        v = torch.zeros(len(LEAK), dtype=torch.float64, device=ctx.device)
+        if ctx.rank == 0:
+            report = verdict(self.leak(G, ctx.device))
+            v = torch.tensor([report[k] for k in LEAK], dtype=torch.float64, device=ctx.device)
+        v = ctx.mean(v) * ctx.world_size  # the sum: rank 0's numbers on every rank
+        return scores | dict(zip(LEAK, v.tolist()))
+
+
+def identity_leak(cfg: Config) -> IdentityLeak:
+    """The identity audit of the training people against the held-out ones (both embedded once)."""
+    return IdentityLeak(cfg.data.path, real_path(cfg), cfg.eval.identity_samples, cfg.train.seed,
+                        feature_cache(cfg), processes=max(1, int(cfg.scale.cpus_per_worker)))
+
+
+def make_scorer(cfg: Config, ctx: Context) -> Evaluator | LeakScorer | None:
+    """FID/KID against the held-out faces, and the identity audit at every evaluation when it is
+    on (eval.identity_audit; "auto" is settled by the launcher); None when evaluation is off."""
     e = cfg.eval
     if e.every_steps <= 0:
         return None
     extractor = build_extractor(e.extractor, e.inception_weights)
-    return Evaluator(extractor, ShardSet(real_path(cfg)), e.num_samples, ctx.rank, ctx.world_size, ctx.device,
-                     feature_cache(cfg), e.batch_size, e.kid_subset_size, cfg.train.seed)
+    fid = Evaluator(extractor, ShardSet(real_path(cfg)), e.num_samples, ctx.rank, ctx.world_size, ctx.device,
+                    feature_cache(cfg), e.batch_size, e.kid_subset_size, cfg.train.seed)
+    if e.identity_audit != "on":
+        return fid
+    return LeakScorer(fid, identity_leak(cfg) if ctx.rank == 0 else None, ctx)
 
 
 def make_probe(cfg: Config, ctx: Context) -> Health:
@@ -83,9 +114,11 @@ def make_probe(cfg: Config, ctx: Context) -> Health:
     return Health(first(cfg.data.path), held, ctx.device)
 
 
-def open_batches(cfg: Config, ctx: Context, cpus: float | None = None) -> BatchSource:
+def open_batches(cfg: Config, ctx: Context, cpus: float | None = None) -> BatchSource | PoissonBatches:
     """This rank's batches, decoded in ``data.loader_workers`` processes (``cpus``: what the
-    launcher gave the rank)."""
+    launcher gave the rank); Poisson-sampled from memory for DP training (privacy.dp_epsilon)."""
+    if cfg.privacy.dp_epsilon > 0:
+        return PoissonBatches(cfg.data.path, ctx.rank, ctx.world_size, cfg.train.batch_size, cfg.train.seed)
     workers = loader_workers(cfg.data.loader_workers, ctx.device, cpus)
     return BatchSource(cfg.data.path, ctx.rank, ctx.world_size, cfg.train.batch_size // ctx.world_size,
                        cfg.train.seed, cfg.data.shuffle_groups, workers, cfg.perf.prefetch,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +88,13 @@ def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def latent_seed(seed: int) -> int:
+    return seed * 7919 + 17
+
+
 def eval_latents(num_samples: int, z_dim: int, seed: int) -> torch.Tensor:
     """The evaluation's latents: the same for every world size (ranks take [rank::world])."""
-    return sample_z(num_samples, z_dim, torch.Generator().manual_seed(seed * 7919 + 17))
+    return sample_z(num_samples, z_dim, torch.Generator().manual_seed(latent_seed(seed)))
 
 
 def manifest_digest(shards: ShardSet) -> str:
@@ -162,13 +167,20 @@ class Evaluator:
         was = G.training
         G.eval()
         z = eval_latents(self.num_samples, G.z_dim, self.seed)[self.rank::self.world]
-        for part in z.split(self.batch):
+        try:
+            return self.score_faces(to_uint8_nchw(G(part.to(self.device))) for part in z.split(self.batch))
+        finally:
+            G.train(was)
+
+    @torch.no_grad()
+    def score_faces(self, blocks: Iterable[torch.Tensor]) -> dict[str, float]:
+        """FID and KID of faces given as uint8 NCHW blocks (this rank's share of them)."""
+        for block in blocks:
             # Features once, handed to both metrics as rows: given images, FID and KID would
             # each run the extractor (twice the Inception cost).
-            feats = self.features(to_uint8_nchw(G(part.to(self.device))))
+            feats = self.features(block.to(self.device))
             self.fid.update(feats, real=False)
             self.kid.update(feats, real=False)
-        G.train(was)
         out = {"fid": float(self.fid.compute()), "kid": float(self.kid.compute()[0])}
         self.fid.reset()
         self.kid.reset()

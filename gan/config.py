@@ -110,6 +110,19 @@ class EvalConfig:
     # is installed, "on" requires both (checked before Ray starts), "off".
     identity_audit: str = "auto"
     identity_samples: int = 500
+    # Publishing guard: a generator whose identity AUC is above this is never registered nor made
+    # champion (the run says why); 1 = no cap. Below 1 it needs the identity audit (it then
+    # runs at every evaluation, and the best generator is the best-scoring one under the cap).
+    max_identity_auc: float = 1.0
+
+
+@dataclass
+class PrivacyConfig:
+    # Differentially private D (gan/privacy.py, Opacus DP-SGD): the ε the whole run may spend
+    # (the noise is set from it); 0 turns DP off. Needs model.d_norm = none (no BatchNorm in D).
+    dp_epsilon: float = 0.0
+    dp_max_grad_norm: float = 1.0  # C: each face's gradient is clipped to this L2 norm
+    dp_delta: float = 0.0  # δ of (ε, δ)-DP; 0: 1/N for N training faces
 
 
 @dataclass
@@ -157,6 +170,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     run: RunSection = field(default_factory=RunSection)
@@ -364,7 +378,30 @@ def validate(cfg: Config) -> Config:
         (e.batch_size >= 1 and e.kid_subset_size >= 2, "eval.batch_size/kid_subset_size", "must be positive"),
         (e.identity_audit in ("auto", "on", "off"), "eval.identity_audit", f"must be auto, on or off, got {e.identity_audit!r}"),
         (e.identity_samples >= 1, "eval.identity_samples", "must be >= 1"),
+        (0.5 <= e.max_identity_auc <= 1, "eval.max_identity_auc",
+         f"must be in [0.5, 1] (0.5: no leak at all; 1: no cap), got {e.max_identity_auc}"),
+        (e.max_identity_auc == 1 or (e.identity_audit != "off" and e.every_steps > 0), "eval.max_identity_auc",
+         "a cap needs the identity audit: set eval.identity_audit to on (or auto) and eval.every_steps > 0"),
     ]
+    pv = cfg.privacy
+    checks += [
+        (pv.dp_epsilon >= 0 and math.isfinite(pv.dp_epsilon), "privacy.dp_epsilon", f"must be >= 0 (0: off), got {pv.dp_epsilon}"),
+        (pv.dp_max_grad_norm > 0, "privacy.dp_max_grad_norm", f"must be > 0, got {pv.dp_max_grad_norm}"),
+        (0 <= pv.dp_delta < 1, "privacy.dp_delta", f"must be in [0, 1) (0: 1/N), got {pv.dp_delta}"),
+    ]
+    if pv.dp_epsilon > 0:
+        checks += [
+            (m.d_norm != "batch", "privacy.dp_epsilon",
+             "D has BatchNorm (model.d_norm=batch), which mixes the faces of a batch, so no face has a gradient "
+             "of its own to clip; set model.d_norm=none"),
+            (m.d_norm != "spectral", "privacy.dp_epsilon",
+             "Opacus has no per-face gradients for spectral-normalised layers; set model.d_norm=none"),
+            (t.batch_size // sc.num_workers >= 16, "privacy.dp_epsilon",
+             f"Poisson batches need a mean of >= 16 faces per worker (train.batch_size / scale.num_workers = "
+             f"{t.batch_size // max(sc.num_workers, 1)}), or a step may draw no face at all"),
+            (lo.ada_target == 0, "privacy.dp_epsilon",
+             "loss.ada_target adapts to D's outputs on real faces, outside the privacy accounting; set it to 0"),
+        ]
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{key}: {msg}")

@@ -2,7 +2,7 @@
 never where they come from (``compose.py`` builds them from shards, ``tests/`` from tensors)."""
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -17,6 +17,16 @@ class Batches(Protocol):
 
     def stream(self, epoch: int, batch: int, stop_epoch: int) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(epoch, batch, images) from position (epoch, batch) to the end of ``stop_epoch`` - 1."""
+
+
+@runtime_checkable
+class PoissonSampled(Batches, Protocol):
+    """Batches in which every face is drawn independently with probability ``sample_rate``
+    (what differentially private training accounts for, gan/privacy.py)."""
+
+    count: int  # faces in the whole training set
+    sample_rate: float
+    expected_batch: float  # this rank's mean batch size
 
 
 class Scorer(Protocol):

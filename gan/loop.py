@@ -6,6 +6,7 @@ launcher is one typed :class:`~gan.report.Report` per event.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ from gan.context import Context, unwrap
 from gan.graphs import GraphedStep
 from gan.health import nonfinite
 from gan.images import grid, png_bytes, sample_grid_png
-from gan.inputs import Batches, Probe, Scorer
+from gan.inputs import Batches, PoissonSampled, Probe, Scorer
 from gan.models import sample_z
+from gan.privacy import hooks_off
 from gan.report import Report
 from gan.state import TrainState, step_seed
 from gan.step import Nets, train_step, update_ema
@@ -39,6 +41,8 @@ class TrainResult:
     resumed_from: int | None = None
     best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best evaluated generator
     diverged: str = ""  # why training stopped on a non-finite state (nothing of it was saved)
+    epsilon: float | None = None  # D's differential-privacy ε spent (privacy.dp_epsilon > 0), else None
+    over_cap: str = ""  # the last evaluation eval.max_identity_auc kept from being published, and why
 
 
 def total_steps(reader, cfg: Config) -> int:
@@ -89,11 +93,15 @@ def _train(cfg: Config, ctx: Context, data: Batches, scorer: Scorer | None, prob
         raise ValueError(f"data.path {cfg.data.path} holds {data.image_size}px faces, model.size is {cfg.model.size}")
     t, s = cfg.train, TrainState(cfg, ctx.device, ctx.world_size)
     total, state = total_steps(data, cfg), ctx.load_checkpoint()
+    if cfg.privacy.dp_epsilon > 0:
+        if not isinstance(data, PoissonSampled):
+            raise ValueError("privacy.dp_epsilon needs Poisson-sampled batches (datasets/poisson.py)")
+        s.private(data.count, data.sample_rate, total)
     if state is not None:
         s.load_state_dict(state)
         ctx.report(Report(s.step, resumed_from=s.step))
     resumed_from = saved = s.step if state is not None else None  # saved: the last checkpoint's step
-    nets, gen, run_step = _step_function(cfg, ctx, s)
+    nets, gen, run_step = _step_function(cfg, ctx, s, data)
     fixed_z = sample_z(FIXED_SAMPLES, cfg.model.z_dim, torch.Generator().manual_seed(t.seed)).to(ctx.device)
     meter, metrics, scores = _Meter(), {}, {}
     s.next_batch(data.steps_in_epoch)
@@ -115,35 +123,46 @@ def _train(cfg: Config, ctx: Context, data: Batches, scorer: Scorer | None, prob
             s.settle(ctx.mean)
         new = scorer(s.sampler) if eval_now else {}  # before the checkpoint, so that it carries the best so far
         publish = s.sampler if new and s.record(new) and ctx.rank == 0 else None
+        guard = {"facegan.privacy_guard": s.over_cap["why"]} if new and s.over_cap and s.over_cap["step"] == s.step else {}
         scores = new or scores
         # Scores travel in the same report as the step's checkpoint: a scheduler that acts
         # on a score (PBT) finds the matching checkpoint with it.
         if log_now or ckpt_now:
             metrics = {**meter.flush(ctx, t.batch_size), "epoch": float(s.epoch)}
+            if s.privacy is not None:
+                metrics["dp_epsilon"] = s.privacy.epsilon()
             signs, tags = probe(s.sampler, s.D, fixed_z, metrics, s.step) if probe is not None else ({}, {})
             metrics |= signs
             _say_flags(ctx, tags)
             ctx.report(Report(s.step, metrics, new, s.state_dict if ckpt_now else None, model=publish,
-                              tags={f"facegan.health.{k}": v for k, v in tags.items()}))
+                              tags={**{f"facegan.health.{k}": v for k, v in tags.items()}, **guard}))
             saved = s.step if ckpt_now else saved
         elif new:
-            ctx.report(Report(s.step, scores=new, model=publish))
+            ctx.report(Report(s.step, scores=new, model=publish, tags=guard))
         if s.batch >= data.steps_in_epoch(s.epoch):
             ctx.report(Report(s.step, artifacts=_grid(ctx, s, fixed_z, f"epoch_{s.epoch + 1:03d}")))
             s.epoch, s.batch = s.epoch + 1, 0  # (a checkpoint above says (epoch, end): resume moves on too)
         if s.step >= total or ctx.should_stop():
             break
-    ctx.report(Report(s.step, artifacts=_grid(ctx, s, fixed_z, "final")))
+    said = {"facegan.privacy": s.privacy.describe()} if s.privacy is not None else {}
+    ctx.report(Report(s.step, artifacts=_grid(ctx, s, fixed_z, "final"), tags=said))
     ctx.flush()  # the last checkpoint was being written while the final grid was drawn
-    return TrainResult(s.step, unwrap(nets.G) if s.ema is None else s.ema, s.D, metrics, scores, resumed_from, s.best)
+    return TrainResult(s.step, unwrap(nets.G) if s.ema is None else s.ema, s.D, metrics, scores, resumed_from, s.best,
+                       epsilon=s.privacy.epsilon() if s.privacy is not None else None,
+                       over_cap=s.over_cap["why"] if s.over_cap else "")
 
 
-def _step_function(cfg: Config, ctx: Context, s: TrainState):
-    """(nets, the step's RNG, the step): DDP-wrapped, compiled or graphed as gan/perf.py says."""
+def _step_function(cfg: Config, ctx: Context, s: TrainState, data: Batches):
+    """(nets, the step's RNG, the step): DDP-wrapped, compiled or graphed as gan/perf.py says;
+    with DP, D is Opacus's (no DDP: its optimizer sums the ranks' noised gradients itself)."""
     perf.compile_models(s.G, s.D, s.perf)
-    nets = Nets(ctx.wrap(s.G), ctx.wrap(s.D), s.D, s.opt_g, s.opt_d, cfg.model.z_dim,
-                perf.autocast_factory(s.perf, ctx.device), cfg.loss.kind, s.aug)
     gen = torch.Generator(device=ctx.device)
+    D, opt_d, g_pass = ctx.wrap(s.D), s.opt_d, contextlib.nullcontext
+    if s.privacy is not None:
+        D, opt_d = s.privacy.wrap(s.D, s.opt_d, data.expected_batch, ctx.world_size, noise=gen)
+        g_pass = hooks_off(D)
+    nets = Nets(ctx.wrap(s.G), D, s.D, s.opt_g, opt_d, cfg.model.z_dim,
+                perf.autocast_factory(s.perf, ctx.device), cfg.loss.kind, s.aug, g_pass)
     run_step = functools.partial(train_step, nets=nets, cfg=cfg.loss, gen=gen)
     if s.perf["cuda_graphs"]:  # captured at the first step, after any resume (gan/graphs.py)
         run_step = GraphedStep(run_step, nets, gen)

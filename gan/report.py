@@ -14,6 +14,7 @@ from typing import Any, Callable
 from torch import nn
 
 SCORES = ("fid", "kid")  # evaluation scores, lower is better; eval.metric and a sweep's metric are one of them
+LEAK = ("identity_auc", "identity_match_rate", "heldout_match_rate")  # the identity audit at an evaluation
 StateFn = Callable[[], dict[str, Any]]
 
 
@@ -21,7 +22,8 @@ StateFn = Callable[[], dict[str, Any]]
 class Report:
     step: int
     metrics: dict[str, float] = field(default_factory=dict)  # the log window: losses, health, img_per_s, epoch
-    scores: dict[str, float] = field(default_factory=dict)  # an evaluation at this step: names in SCORES
+    # An evaluation at this step: names in SCORES, and the identity audit's (LEAK) when it runs.
+    scores: dict[str, float] = field(default_factory=dict)
     # Built only by the rank that writes it (a function), taken before ``Context.report`` returns.
     checkpoint: StateFn | None = None
     artifacts: dict[str, bytes] = field(default_factory=dict)  # relative path -> bytes (samples/final.png)

@@ -14,6 +14,10 @@ from gan.augment import AugmentState, parse
 from gan.checkpoint import FORMAT_VERSION
 from gan.config import Config, flatten
 from gan.models import build
+from gan.privacy import DPTraining
+
+# What DP-SGD's per-face hooks and variable Poisson batch sizes rule out (gan/privacy.py).
+DP_EAGER = {"compile": False, "cuda_graphs": False, "bf16": False, "channels_last": False}
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -32,6 +36,8 @@ class TrainState:
         self.G, self.D = G.to(device), D.to(device)
         self.perf = determinism.restrict(perf.resolve(cfg.perf, device, world_size, bool(lc.diffaug)),
                                          t.deterministic)
+        if cfg.privacy.dp_epsilon > 0:
+            self.perf |= DP_EAGER
         perf.set_layout(self.G, self.D, self.perf)  # before the optimizers and EMA exist
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         self.opt_g = perf.adam(self.G.parameters(), cfg.optim.lr_g, betas, self.perf)
@@ -40,7 +46,16 @@ class TrainState:
         self.ema = copy.deepcopy(self.G).requires_grad_(False) if t.ema_decay > 0 else None
         self.step, self.epoch, self.batch = 0, 0, 0
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best evaluated generator
+        # The last evaluation the privacy cap kept from being the best: {"step", "why"} (eval.max_identity_auc)
+        self.over_cap: dict[str, Any] | None = None
         self._settled = -1
+        self.privacy: DPTraining | None = None  # D's DP accounting (privacy.dp_epsilon > 0), see private()
+
+    def private(self, n: int, sample_rate: float, steps: int) -> DPTraining:
+        """Turns on DP for D: σ for the target ε over ``steps`` Poisson steps at ``sample_rate``
+        of ``n`` faces. Before a checkpoint is loaded (it continues the accountant)."""
+        self.privacy = DPTraining(self.cfg.privacy, n, sample_rate, steps)
+        return self.privacy
 
     @property
     def sampler(self) -> torch.nn.Module:
@@ -59,8 +74,16 @@ class TrainState:
         self._settled = self.step
 
     def record(self, scores: dict[str, float]) -> bool:
-        """Keeps the best evaluation; True when ``scores`` is a new best."""
-        metric = self.cfg.eval.metric
+        """Keeps the best evaluation under the privacy cap; True when ``scores`` is a new best.
+        A generator over ``eval.max_identity_auc`` (or with no identity score to compare) never
+        is: it is not published, and ``over_cap`` says why."""
+        metric, cap = self.cfg.eval.metric, self.cfg.eval.max_identity_auc
+        if cap < 1 and not scores.get("identity_auc", float("inf")) <= cap:
+            auc = scores.get("identity_auc", float("nan"))
+            self.over_cap = {"step": self.step, "why": f"step {self.step}: identity_auc {auc:.3f} is over "
+                             f"eval.max_identity_auc {cap:g}; that generator ({metric} {scores[metric]:.4g}) was not "
+                             f"published"}
+            return False
         if self.best is not None and scores[metric] >= self.best["value"]:
             return False
         self.best = {"metric": metric, "value": scores[metric], "step": self.step}
@@ -77,7 +100,9 @@ class TrainState:
             "G": self.G.state_dict(), "D": self.D.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None, "best": self.best,
+            "over_cap": self.over_cap,
             "aug": self.aug.state_dict() if self.aug is not None else None,
+            "privacy": self.privacy.state_dict() if self.privacy is not None else None,
             "rng": {"torch_cpu": torch.get_rng_state(), "step_seed": "blake2b(seed/rank/step)"},
             "config": flatten(self.cfg),
         }
@@ -98,6 +123,8 @@ class TrainState:
             self.ema.load_state_dict(state["ema"] if state.get("ema") is not None else self.G.state_dict())
         if self.aug is not None and state.get("aug") is not None:
             self.aug.load_state_dict(state["aug"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state.get("privacy"))
         torch.set_rng_state(state["rng"]["torch_cpu"])
         self.step, self.epoch, self.batch = state["step"], state["data"]["epoch"], state["data"]["batch"]
-        self.best = state.get("best")
+        self.best, self.over_cap = state.get("best"), state.get("over_cap")

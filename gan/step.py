@@ -28,6 +28,8 @@ class Nets:
     autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
     loss_kind: str = "seed"  # loss.kind
     aug: AugmentState | None = None  # differentiable augmentation of D's inputs (gan/augment.py)
+    # Wraps G's pass through D: DP turns D's per-face gradient hooks off there (gan/privacy.py).
+    g_pass: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
 
     def d_in(self, x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         return x if self.aug is None else augment(x, self.aug.ops, self.aug.p, gen)
@@ -90,10 +92,11 @@ def g_step(fake: torch.Tensor, nets: Nets, gen: torch.Generator | None = None) -
     """Updates G only. D's gradients are not wanted, so the pass goes through the unwrapped D
     (nothing to all-reduce) and ``inputs=`` keeps autograd from computing D's weight grads."""
     nets.opt_g.zero_grad(set_to_none=True)
-    with nets.autocast():
-        logits = nets.D_raw(nets.d_in(fake, gen))  # augmented too: the gradient flows through it
-    loss, stats = (g_hinge if nets.loss_kind == "hinge" else g_loss)(logits.float())
-    loss.backward(inputs=list(nets.G.parameters()))
+    with nets.g_pass():
+        with nets.autocast():
+            logits = nets.D_raw(nets.d_in(fake, gen))  # augmented too: the gradient flows through it
+        loss, stats = (g_hinge if nets.loss_kind == "hinge" else g_loss)(logits.float())
+        loss.backward(inputs=list(nets.G.parameters()))
     stats["g_grad_norm"] = grad_norm(nets.G.parameters())
     nets.opt_g.step()
     return stats

@@ -3,6 +3,7 @@
     python -m jobs.audit --model SPEC --train SHARDS --heldout SHARDS [--n 1000] [--extractor inception|pixels]
     python -m jobs.audit --run <run_id> [--n 1000]       # SPEC, train and held-out from the run; logged to it
     python -m jobs.audit --identity --model SPEC --train SHARDS --heldout SHARDS [--fpir 0.01]   # people, not photos
+    python -m jobs.audit --identity --exclude-training-identities ...   # what the sampling filter keeps
 
 SPEC as in jobs.fid: a shard set, an image folder, ``runs:/…``, ``models:/…`` or a checkpoint.
 Every training face is searched. Prints one JSON line (``fraction_memorized``, ``flagged``,
@@ -77,11 +78,13 @@ def log_audit(tracker, report: dict, picture: bytes, step: int | None = None) ->
                                     "audit_flagged": float(report["flagged"])})
 
 
-def log_identity_audit(tracker, report: dict, picture: bytes, step: int) -> None:
+def log_identity_audit(tracker, report: dict, picture: bytes, step: int, metrics: bool = True) -> None:
+    """``metrics=False``: the run's evaluation at ``step`` already charted the same numbers."""
     tracker.log_artifacts({"audit/identity_summary.json": json.dumps(A.public(report), indent=2).encode(),
                            "audit/identity_evidence.png": picture})
-    tracker.log_metrics(step, {"identity_auc": report["identity_auc"],
-                               "identity_match_rate": report["identity_match_rate"]})
+    if metrics:
+        tracker.log_metrics(step, {"identity_auc": report["identity_auc"],
+                                   "identity_match_rate": report["identity_match_rate"]})
 
 
 def run_config(params: dict[str, str]) -> Config:
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--identity", action="store_true", help="the identity-leak audit (people, not photos)")
     p.add_argument("--fpir", type=float, default=0.01, help="--identity: the calibrated false-positive identification rate")
     p.add_argument("--processes", type=int, default=None, help="--identity: face-matcher processes (default: one per core)")
+    p.exclusion()
     a = p.parse_args(argv)
     tracker = None
     try:
@@ -128,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SpecError("give --run, or all of --model, --train and --heldout")
         if a.identity:
             report, picture = run_identity_audit(fake, train, heldout, a.n, a.seed, a.fpir, cache=cache or "runs/feature_cache",
-                                                 device=a.device, processes=a.processes)
+                                                 device=a.device, processes=a.processes,
+                                                 exclude_fpir=a.filter_fpir if a.exclude_training_identities else None)
+        elif a.exclude_training_identities:
+            raise SpecError("--exclude-training-identities filters people: use it with --identity")
         else:
             report, picture = run_audit(fake, train, heldout, a.n, space or "inception", weights, a.percentile,
                                         a.seed, a.device, cache or "runs/feature_cache")

@@ -10,7 +10,9 @@ the flags that mean the same thing in every job (one vocabulary):
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -51,9 +53,35 @@ class Parser(argparse.ArgumentParser):
     def batch(self, default: int = 100) -> None:
         self.add_argument("--batch", type=positive_int, default=default, help="faces per forward pass")
 
+    def exclusion(self) -> None:
+        """The sampling-time identity filter (evaluation/leak.py, docs/privacy.md)."""
+        self.add_argument("--exclude-training-identities", action="store_true",
+                          help="drop each face within the calibrated distance of a training person's photo and draw "
+                               "again (needs --train and --heldout shard sets with identities, and the privacy extra)")
+        self.add_argument("--filter-fpir", type=fraction, default=0.05,
+                          help="the filter's threshold: the distance within which this fraction of held-out people's "
+                               "photos find a training photo (the strangers it also drops)")
+
     def error(self, message: str):
         print(f"error: {message} (python -m {self.prog.split()[-1]} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def write_json(path: Path, value) -> None:
+    """Written whole or not at all: a temporary name, then a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return value
 
 
 class _Help(argparse.RawDescriptionHelpFormatter):

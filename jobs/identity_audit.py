@@ -14,43 +14,41 @@ import numpy as np
 import torch
 
 from datasets.shards import ShardSet
-from evaluation import identity as I
-from evaluation.faceid import DlibFaceID, embed_shards
-from jobs.specs import fake_faces, sample_faces
+from evaluation.leak import IdentityLeak, draw, draw_excluding
+from jobs.specs import fake_faces, kind_of, load_generator
 
-
-class NoIdentities(I.IdentityAuditError):
-    pass
-
-
-def labelled(path: str) -> tuple[ShardSet, np.ndarray]:
-    shards = ShardSet(path)
-    ids = shards.identities()
-    if ids is None:
-        raise NoIdentities(f"{shards.path}: no identity column; convert CelebA with "
-                           f"`python -m datasets.celeba ... --identities identity_CelebA.txt`")
-    return shards, ids
+GENERATORS = ("model", "checkpoint")  # specs that can draw more faces (jobs/specs.py)
 
 
 @torch.no_grad()
 def run_identity_audit(fake: str | torch.nn.Module, train: str, heldout: str, n: int = 1000, seed: int = 0,
                        fpir: float = 0.01, alpha: float = 1e-3, cache: str | None = "runs/feature_cache",
-                       device: str = "cpu", processes: int | None = None) -> tuple[dict, bytes]:
-    """The report and the evidence picture; checks everything it can before embedding anything."""
+                       device: str = "cpu", processes: int | None = None,
+                       exclude_fpir: float | None = None) -> tuple[dict, bytes]:
+    """The report and the evidence picture; checks everything it can before embedding any fake.
+    ``exclude_fpir``: audit what the sampling-time filter keeps (evaluation/leak.py's
+    ``draw_excluding``; for faces that are not a generator's, the filter can only drop)."""
 
-    train_set, train_ids = labelled(train)
-    held_set, held_ids = labelled(heldout)
-    I.check_people(train_ids, held_ids)
-    matcher = DlibFaceID(processes)
+    leak = IdentityLeak(train, heldout, n, seed, cache, processes, fpir, alpha)
     dev = torch.device(device)
-    blocks = sample_faces(fake, n, seed, 100, dev) if isinstance(fake, torch.nn.Module) else fake_faces(fake, n, seed, 100, dev)
-    fake_u8 = np.concatenate(list(blocks))
-    fake_v = matcher.embed(fake_u8)
-    train_v, held_v = embed_shards(train_set, matcher, cache), embed_shards(held_set, matcher, cache)
-    report = I.audit(fake_v, train_v, train_ids, held_v, held_ids, fpir, alpha)
-    report |= {"matcher": "dlib-resnet-v1", "matcher_key": matcher.key,
-               "fake": fake if isinstance(fake, str) else "generator", "train": train_set.path, "heldout": held_set.path}
-    return report, evidence(fake_u8, train_set, train_ids, report)
+    G = fake if isinstance(fake, torch.nn.Module) else load_generator(fake) if kind_of(fake) in GENERATORS else None
+    filtered, vectors = None, None
+    if exclude_fpir is not None and G is not None:
+        fake_u8, filtered, vectors = draw_excluding(G.to(dev), leak, n, seed, exclude_fpir, dev)
+    elif G is not None:
+        fake_u8 = draw(G.to(dev), n, seed, dev)
+    else:
+        fake_u8 = np.concatenate(list(fake_faces(fake, n, seed, 100, dev)))
+        if exclude_fpir is not None:
+            near, vectors = leak.near_training(fake_u8, leak.threshold_at(exclude_fpir))
+            filtered = {"drawn": len(fake_u8), "dropped": int(near.sum()), "kept": int((~near).sum()),
+                        "threshold": leak.threshold_at(exclude_fpir), "fpir": exclude_fpir}
+            fake_u8, vectors = fake_u8[~near], vectors[~near]
+    report, _ = leak.audit_faces(fake_u8, vectors)
+    report["fake"] = fake if isinstance(fake, str) else "generator"
+    if filtered is not None:
+        report["filter"] = filtered
+    return report, evidence(fake_u8, leak.train, leak.train_ids, report)
 
 
 def evidence(fake_u8: np.ndarray, train_set: ShardSet, train_ids: np.ndarray, report: dict, per: int = 4) -> bytes:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from compose import NoHeldOut, prepare_evaluation, real_path
+from compose import NoHeldOut, identity_leak, prepare_evaluation, real_path
 from datasets.shards import ShardSet, is_uri, open_fs, write_bytes
 from evaluation.faceid import FaceIDError, model_dir
 from evaluation.identity import IdentityAuditError, check_people
@@ -104,15 +104,20 @@ def check_evaluation(cfg: Config) -> dict | None:
         if cfg.eval.audit_samples > 0:
             real_path(cfg)
         cfg.eval.identity_audit = identity_audit_mode(cfg)
+        if cfg.eval.max_identity_auc < 1 and cfg.eval.identity_audit != "on":
+            identity_audit_mode(cfg, required="eval.max_identity_auc")  # says why in one line
+        if cfg.eval.identity_audit == "on":
+            identity_leak(cfg)  # both sides embedded now, into the cache the workers read
         return prepare_evaluation(cfg) if cfg.eval.every_steps > 0 else None
     except (ExtractorError, NoHeldOut) as e:
         raise ConfigError(str(e)) from None
 
 
-def identity_audit_mode(cfg: Config) -> str:
-    """"on" when the final identity audit can run: evaluation on, identities on both sides,
-    held-out people disjoint and enough of them, the face matcher installed."""
-    mode = cfg.eval.identity_audit
+def identity_audit_mode(cfg: Config, required: str = "") -> str:
+    """"on" when the identity audit can run: evaluation on, identities on both sides, held-out
+    people disjoint and enough of them, the face matcher installed. ``required``: the field that
+    needs it (a refusal names it)."""
+    mode = "on" if required else cfg.eval.identity_audit
     if mode == "off":
         return "off"
 
@@ -129,6 +134,6 @@ def identity_audit_mode(cfg: Config) -> str:
         model_dir()
     except (IdentityAuditError, FaceIDError) as e:
         if mode == "on":
-            raise ConfigError(f"eval.identity_audit=on: {e}") from None
+            raise ConfigError(f"{required or 'eval.identity_audit=on'}: {e}") from None
         return "off"
     return "on"

@@ -3,11 +3,21 @@
     python -m jobs.sample --model runs:/<run_id>/generator --out samples/ [--n 64] [--seed 0] [--interpolate 8]
     python -m jobs.sample --model models:/facegan/3 --out samples/
     python -m jobs.sample --model runs/<run>/checkpoint_000001000 --out samples/   # or .../checkpoint.pt
+    python -m jobs.sample --model SPEC --out samples/ --exclude-training-identities \
+        --train data/celeba64/train --heldout data/celeba64/val     # no face of a training person
 
 Writes ``grid.png`` (all samples), ``sample_NNN.png`` (each one) and, with --interpolate K,
 ``interpolation.gif``: K frames along the straight line between two latents per row of the
 grid. MLflow URIs need MLFLOW_TRACKING_URI (or the default ./mlflow.db). Checkpoints give the
 EMA generator when the run kept one.
+
+``--exclude-training-identities`` drops each face whose nearest training photo (face-matcher
+distance, evaluation/faceid.py) is within the threshold calibrated on the held-out people
+(``--filter-fpir``: the fraction of strangers' photos that threshold also catches), draws again
+until ``--n`` faces are kept, says how many it dropped and writes ``filter.json``. It needs the
+training shards with identities, the held-out people and the privacy extra. The generator
+served from MLflow has no such filter: it would have to carry the training people's face
+embeddings, which are themselves their biometric data (docs/privacy.md).
 """
 from __future__ import annotations
 
@@ -17,10 +27,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from datasets.shards import ShardError
+from evaluation.faceid import FaceIDError
 from evaluation.fid import eval_latents
+from evaluation.identity import IdentityAuditError
+from evaluation.leak import IdentityLeak, draw_excluding
 from gan.images import grid, to_uint8
 from gan.models import sample_z
-from jobs.cli import Parser
+from jobs.cli import Parser, write_json
 from jobs.specs import SpecError
 from jobs.specs import load_generator as load_or_explain
 
@@ -35,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     p.device()
     p.batch()
     p.add_argument("--interpolate", type=int, default=0, help="frames per interpolation (0: none)")
+    p.exclusion()
+    p.add_argument("--train", help="--exclude-training-identities: the training shard set (with identities)")
+    p.add_argument("--heldout", help="--exclude-training-identities: held-out people's shard set (with identities)")
+    p.add_argument("--cache", default="runs/feature_cache", help="--exclude-training-identities: face-vector cache")
     a = p.parse_args(argv)
+    if a.exclude_training_identities and not (a.train and a.heldout):
+        p.error("--exclude-training-identities needs --train and --heldout: shard sets with identities")
 
     try:
         G = load_or_explain(a.model)  # an unknown run, a text file, a truncated checkpoint: one line
@@ -50,9 +70,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --model {a.model}: the generator outputs NaN/inf; it was saved from a diverged run",
               file=sys.stderr)
         return 1
-    images = to_uint8(raw)
+    images, filtered = to_uint8(raw), None
+    if a.exclude_training_identities:
+        try:
+            leak = IdentityLeak(a.train, a.heldout, a.n, cache_dir=a.cache)
+            images, filtered, _ = draw_excluding(G, leak, a.n, a.seed, a.filter_fpir, a.device, a.batch)
+        except (ShardError, IdentityAuditError, FaceIDError, ValueError) as e:
+            print(f"error: --exclude-training-identities: {e}", file=sys.stderr)
+            return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if filtered is not None:
+        write_json(out / "filter.json", filtered)
+        print(f"filter: dropped {filtered['dropped']} of {filtered['drawn']} drawn faces within "
+              f"{filtered['threshold']:.3f} of a training person's photo (fpir {filtered['fpir']:g}); kept {a.n}")
     grid(images).save(out / "grid.png")
 
     for i, img in enumerate(images):

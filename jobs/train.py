@@ -210,9 +210,8 @@ def run(argv: list[str] | None = None) -> dict:
         reason = tags.get("facegan.failed_reason")
         ok = reason is None
         best = next((k for k in tags if k.startswith("facegan.best_") and k != "facegan.best_step"), None)
-        if offline is None and ok and best and "mlflow.note.content" in tags:
-            client.set_tag(run_id, "mlflow.note.content", f"{tags['mlflow.note.content']} Best "
-                           f"{best.split('_', 1)[1]} {tags[best]} at step {tags.get('facegan.best_step')}.")
+        if offline is None and ok and "mlflow.note.content" in tags:
+            client.set_tag(run_id, "mlflow.note.content", closing_note(tags, best))
     except (KeyboardInterrupt, SystemExit):
         # Ctrl+C: Ray Train's own SIGINT handler aborts the run and then calls sys.exit(0) in the
         # middle of fit(). The checkpoints so far are kept; --resume continues.
@@ -241,6 +240,21 @@ def run(argv: list[str] | None = None) -> dict:
     return {"run_id": run_id, "tracking_uri": uri, "run_dir": run_dir, "result": result}
 
 
+def closing_note(tags: dict[str, str], best: str | None) -> str:
+    """The run's description at its end: the best score, and what privacy says of the run."""
+    note = tags["mlflow.note.content"]
+    if best:
+        note += f" Best {best.split('_', 1)[1]} {tags[best]} at step {tags.get('facegan.best_step')}."
+    elif "facegan.privacy_guard" in tags:
+        note += (f" Privacy guard: no evaluated generator was under eval.max_identity_auc (last: "
+                 f"{tags['facegan.privacy_guard']}); the final generator is logged with the run, not registered.")
+    if best and "facegan.privacy_guard" in tags:
+        note += f" Privacy guard: {tags['facegan.privacy_guard']}."
+    if "facegan.privacy" in tags:
+        note += f" {tags['facegan.privacy']}"
+    return note
+
+
 def worker_error(e: BaseException) -> str | None:
     """The first worker's failure that facegan explains itself (a damaged checkpoint, shard or
     config), as one line; None for anything else (a bug: its traceback is what helps)."""
@@ -253,6 +267,9 @@ def worker_error(e: BaseException) -> str | None:
 
 def total_steps_of(cfg: Config) -> int:
     world = cfg.scale.num_workers
+    if cfg.privacy.dp_epsilon > 0:  # Poisson batches (datasets/poisson.py): N // batch steps an epoch
+        by_epochs = ShardSet(cfg.data.path).count // cfg.train.batch_size * cfg.train.epochs
+        return min(by_epochs, cfg.train.max_steps) if cfg.train.max_steps > 0 else by_epochs
     reader = ShardReader(ShardSet(cfg.data.path), 0, world, cfg.train.batch_size // world, cfg.train.seed,
                          cfg.data.shuffle_groups)
     return total_steps(reader, cfg)

@@ -70,8 +70,10 @@ def _train_and_publish(cfg: Config, loop_config: dict, tracker) -> None:
             tracker.set_tags({"facegan.final_step": str(result.step)})
         return
     if tracker is not None:
-        if result.best is None:  # no evaluation: the final generator is the model
-            tracker.log_generator(result.generator, cfg.model, step=result.step, register_as=cfg.eval.register_as)
+        if result.best is None:  # no evaluation, or none under the privacy cap: the final generator is the model
+            # Over eval.max_identity_auc: logged with the run, never registered nor made champion.
+            tracker.log_generator(result.generator, cfg.model, step=result.step,
+                                  register_as="" if result.over_cap else cfg.eval.register_as)
         else:
             tracker.set_tags({"facegan.best_step": str(result.best["step"]),
                               f"facegan.best_{result.best['metric']}": f"{result.best['value']:.6g}"})
@@ -86,6 +88,7 @@ def _train_and_publish(cfg: Config, loop_config: dict, tracker) -> None:
         if tracker is not None:
             report, picture = run_identity_audit(result.generator, cfg.data.path, real_path(cfg), cfg.eval.identity_samples,
                                                  seed=cfg.train.seed, cache=feature_cache(cfg), device=str(ctx.device))
-            log_identity_audit(tracker, report, picture, step=result.step)
+            # The last evaluation audited the same generator with the same faces (compose.LeakScorer).
+            log_identity_audit(tracker, report, picture, step=result.step, metrics="identity_auc" not in result.scores)
             verdict = {k: float(report[k]) for k in ("identity_auc", "identity_match_rate")}
         ctx.report_audits(result.step, verdict)

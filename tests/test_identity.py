@@ -24,6 +24,7 @@ from jobs import tune as tune_job
 from tests.conftest import child_runs
 
 pytest.importorskip("dlib")
+GUARD_SEED = 0  # see test_publishing_guard_logs_but_never_registers_a_generator_over_the_cap
 
 
 def _subset(src, out, pick) -> int:
@@ -164,3 +165,88 @@ def test_run_and_sweep_log_the_identity_audit(people, celeba64, faces64, ray_loc
     assert len(best) == 1 and best[0].data.metrics["identity_auc"] <= 0.99
     assert tune_job.main(["--sweep", str(sweep), "--max-identity-auc", "0.9", *_run_args(people, celeba64), *generated]) == 2
     assert "max_identity_auc: the trials run no identity audit" in capsys.readouterr().err
+
+
+def test_sampling_filter_drops_training_people_and_keeps_strangers(people, celeba64, capsys):
+    """The filter (evaluation/leak.py) on real photos: new photos of training people stand for
+    fakes that show them; photos of the test split's people (in neither set) for strangers."""
+    from evaluation.leak import IdentityLeak
+
+    leak = IdentityLeak(people / "train", celeba64 / "val", cache_dir=str(people / "feature_cache"))
+    threshold = leak.threshold_at(0.05)
+    assert leak.threshold < threshold  # looser than the audit's 1% threshold
+    others = np.concatenate([ShardSet(people / "others").read(rg) for rg in ShardSet(people / "others").row_groups])
+    test = ShardSet(celeba64 / "test")
+    strangers = np.concatenate([test.read(rg) for rg in test.row_groups])
+    removed = leak.near_training(others, threshold)[0].mean()
+    kept = 1 - leak.near_training(strangers, threshold)[0].mean()
+    assert removed >= 0.90 and kept >= 0.90, (removed, kept)
+    # The same through the audit's flag: what the filter keeps matches at the strangers' rate.
+    rc, rep = _audit(capsys, people, celeba64, people / "others", "--exclude-training-identities")
+    assert rep["filter"]["drawn"] == 200 and rep["filter"]["dropped"] >= 180 and rep["filter"]["fpir"] == 0.05
+    assert rep["n_fake"] == rep["filter"]["kept"] and rep["identity_match_rate"] <= rep["heldout_match_rate"] + 0.01, rep
+    rc, err = _audit(capsys, people, celeba64, people / "others", "--exclude-training-identities", "--filter-fpir", "2")
+    assert rc == 2 and "--filter-fpir: expected a fraction in (0, 1)" in err and err.count("\n") == 1
+
+
+def test_jobs_sample_filter_draws_again_and_says_what_it_dropped(people, celeba64, faces64, tmp_path, capsys):
+    from gan.checkpoint import save_state
+    from gan.config import Config, flatten
+    from gan.models import Generator
+    from jobs import sample
+
+    cfg = Config()
+    cfg.model.width = 0.0625
+    G = Generator(cfg.model)
+    save_state({"step": 1, "G": G.state_dict(), "config": flatten(cfg), "format": 1}, tmp_path / "g.pt")
+    args = ["--model", str(tmp_path / "g.pt"), "--out", str(tmp_path / "out"), "--n", "16", "--exclude-training-identities",
+            "--cache", str(people / "feature_cache")]
+    assert sample.main(args) == 2
+    assert "needs --train and --heldout" in capsys.readouterr().err
+    assert sample.main([*args, "--train", str(faces64), "--heldout", str(celeba64 / "val")]) == 2
+    assert "no identity column" in capsys.readouterr().err
+    assert sample.main([*args, "--train", str(people / "train"), "--heldout", str(celeba64 / "val")]) == 0
+    said = json.loads((tmp_path / "out" / "filter.json").read_text())
+    assert said["kept"] == 16 and said["drawn"] == 16 + said["dropped"] and said["drawn"] % 100 == 0
+    assert f"dropped {said['dropped']} of {said['drawn']}" in capsys.readouterr().out
+    assert len(list((tmp_path / "out").glob("sample_*.png"))) == 16
+
+
+def test_publishing_guard_logs_but_never_registers_a_generator_over_the_cap(people, celeba64, ray_local, mlflow_store,
+                                                                          root_cwd, capsys):
+    """eval.max_identity_auc on a real run: the identity audit at every evaluation, and only a
+    generator under the cap is published, registered and made champion. The seed is one whose
+    generators are over the cap of 0.5 at some evaluation (train.deterministic: the same on
+    every run); any evaluation's verdict is checked against the identity_auc it logged."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_store)
+    assert train_job.main(_run_args(people, celeba64, "--run.name=capped", "--eval.every_steps=4", "--train.max_steps=12",
+                                    "--eval.register_as=capped", "--eval.max_identity_auc=0.5",
+                                    "--train.deterministic=true", f"--train.seed={GUARD_SEED}")) == 0
+    run_id = capsys.readouterr().out.split("run_id: ")[1].split()[0]
+    run = client.get_run(run_id)
+    auc = {m.step: m.value for m in client.get_metric_history(run_id, "identity_auc")}
+    fid = {m.step: m.value for m in client.get_metric_history(run_id, "fid")}
+    assert sorted(auc) == sorted(fid) == [4, 8, 12]  # the audit ran at every evaluation
+    over = sorted(s for s, v in auc.items() if v > 0.5)
+    assert over, f"seed {GUARD_SEED} no longer draws a generator over the cap: {auc}"
+    under = {s: fid[s] for s in auc if s not in over}
+    published = sorted(int(v.description.split("step ")[1].split(",")[0])
+                       for v in client.search_model_versions("name='capped'"))
+    # Published: each new FID best among the evaluations under the cap, in order; never one over it.
+    bests, best = [], float("inf")
+    for s in sorted(under):
+        if under[s] < best:
+            bests, best = bests + [s], under[s]
+    assert published == bests and not set(published) & set(over)
+    tags = run.data.tags
+    assert tags["facegan.privacy_guard"].startswith(f"step {over[-1]}: identity_auc ")
+    assert "is over eval.max_identity_auc 0.5" in tags["facegan.privacy_guard"]
+    assert "Privacy guard" in tags["mlflow.note.content"]
+    if bests:
+        champion = client.get_model_version_by_alias("capped", "champion")
+        assert f"step {bests[-1]}" in champion.description and tags["facegan.best_step"] == str(bests[-1])
+    else:  # none under the cap: the final generator is the run's model, and nothing is registered
+        assert "facegan.best_step" not in tags
+        assert any(a.path == "generator" for a in client.list_artifacts(run_id))

@@ -367,3 +367,22 @@ def test_logged_fid_is_that_of_the_logged_generator(faces64, tmp_path, mlflow_st
     assert again["n_real"] == again["n_fake"] == 64
     assert again["fid"] == pytest.approx(fid[step], rel=1e-3)
 
+
+
+def test_two_worker_ddp_run_with_dp_finishes(faces64, tmp_path, mlflow_store, root_cwd, capsys):
+    """DP under DDP: Opacus's DistributedDPOptimizer on each worker (rank 0 adds the noise, the
+    ranks sum), Poisson batches from each worker's share; ε logged every log step."""
+    pytest.importorskip("opacus")
+    assert train_job.main(_args(faces64, tmp_path / "runs", "private", 20, "--train.batch_size=32",
+                                "--model.d_norm=none", "--privacy.dp_epsilon=8")) == 0
+    run_id = capsys.readouterr().out.split("run_id: ")[1].split()[0]
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["privacy.dp_epsilon"] == "8.0"
+    eps = {m.step: m.value for m in client.get_metric_history(run_id, "dp_epsilon")}
+    assert sorted(eps) == [5, 10, 15, 20] and 7.8 <= eps[20] <= 8.0
+    assert [eps[s] for s in sorted(eps)] == sorted(eps.values())
+    assert "D trained with differential privacy" in run.data.tags["mlflow.note.content"]
+    state = _last_checkpoint(tmp_path / "runs" / "private")
+    assert state["step"] == 20 and sum(h[2] for h in state["privacy"]["accountant"]["history"]) == 20
+    assert state["privacy"]["sample_rate"] == 32 / 512
