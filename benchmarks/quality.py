@@ -4,6 +4,7 @@
     python -m benchmarks.quality --variants seed,ttur,ttur+ema --seeds 2
     python -m benchmarks.quality --variants ttur --epochs 1        # a quick look
     python -m benchmarks.quality --size 128 --width 1 --device cuda --variants seed,ttur   # GPU protocol
+    python -m benchmarks.quality --table benchmarks/results/privacy.jsonl   # a results file's table
 
 The CPU protocol: the CelebA sample (``--data``, or ``../shared/data/celeba-sample`` converted
 at ``--size`` into ``data/celeba{size}``), the seed's architecture at ``--width`` (1/8), batch
@@ -18,8 +19,16 @@ and writes a strip of 16 samples per variant to ``--out`` (PNG).
 A variant is a name from VARIANTS, a preset (``configs/faces64.toml``, or ``faces64`` for
 ``configs/faces64.toml``: its recipe, the [loss], [optim] and [model] fields but size and width,
 and train.batch_size / train.ema_decay, on the protocol), or ``base+name:section.field=value;...``
-for an ad-hoc one (on top of the longest leading ``+``-part of its name that is a variant, e.g.
-``ttur+sn2:model.d_norm=spectral`` on ``ttur``, ``ttur+ada+bs16:train.batch_size=16`` on ``ttur+ada``).
+for an ad-hoc one (on top of the longest leading ``+``-part of its name that is a variant or a
+preset, e.g. ``ttur+sn2:model.d_norm=spectral`` on ``ttur``, ``faces64+dp10:model.d_norm=none;
+privacy.dp_epsilon=10`` on configs/faces64.toml).
+
+Privacy columns (docs/privacy.md): ``epsilon`` (the accountant's ε spent; null without DP) and,
+when the shards have identities and the privacy extra is installed (``--identity``), the
+identity audit of ``--identity-n`` faces: ``identity_auc``, ``identity_match_rate`` and
+``heldout_match_rate``. With ``--filter-fpir`` > 0 each such run gets a second row,
+``<variant>+filter``: the same generator's faces behind the sampling-time filter.
+``--train-people K --epochs E`` is the leak stress protocol (docs/privacy.md).
 """
 from __future__ import annotations
 
@@ -31,12 +40,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from compose import train_from_config
 from datasets.celeba import main as convert
 from datasets.shards import ShardSet
+from evaluation.faceid import FaceIDError
 from evaluation.fid import Evaluator, build_extractor
+from evaluation.identity import IdentityAuditError
+from evaluation.leak import IdentityLeak, draw_excluding, verdict
 from gan.config import Config, ConfigError, apply, flatten, load, validate
 from gan.context import LocalContext
 from gan.images import grid, to_uint8
@@ -88,21 +101,39 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     pairs = [p.split("=", 1) for p in body.split(";") if p]
     if any(len(p) != 2 for p in pairs):
         raise ConfigError(f"--variants: {spec!r}: expected name:section.field=value;...")
-    parts = name.split("+")  # on top of the longest leading part that is a variant: ttur+ada+bs16 -> ttur+ada
-    base = next((VARIANTS[b] for b in ("+".join(parts[:i]) for i in range(len(parts), 0, -1)) if b in VARIANTS), {})
+    # On top of the longest leading part that is a variant or a preset: ttur+ada+bs16 -> ttur+ada,
+    # faces64+dp10 -> configs/faces64.toml's recipe.
+    parts = name.split("+")
+    base = next((_named(b) for b in ("+".join(parts[:i]) for i in range(len(parts), 0, -1)) if _named(b) is not None), {})
     return name, {**base, **dict(pairs)}
 
 
-def ensure_data(data: str | None, size: int) -> Path:
+def _named(name: str) -> dict | None:
+    if name in VARIANTS:
+        return VARIANTS[name]
+    preset = ROOT / "configs" / f"{name}.toml"
+    return preset_recipe(preset) if preset.is_file() else None
+
+
+def ensure_data(data: str | None, size: int, people: int = 0) -> Path:
+    """The protocol's shards: ``--data``, or the CelebA sample converted at ``size`` with its
+    identities (``people`` > 0: only the first that many training people, the stress protocol)."""
     if data:
         return Path(data)
-    out = ROOT / "data" / f"celeba{size}"
-    if not (out / "val" / "manifest.json").is_file():
+    out = ROOT / "data" / (f"celeba{size}" + (f"-people{people}" if people else ""))
+    identities = SAMPLE / "identity_CelebA.txt"
+    have = (out / "val" / "manifest.json").is_file() and (not identities.is_file() or
+                                                           ShardSet(out / "val").identities() is not None)
+    if not have:
         if not (SAMPLE / "img_align_celeba.zip").is_file():
             raise ConfigError(f"--data: no shard set given and no CelebA sample at {' or '.join(map(str, SAMPLES))}")
-        rc = convert(["--src", str(SAMPLE / "img_align_celeba.zip"), "--partition",
-                      str(SAMPLE / "list_eval_partition.txt"), "--out", str(out), "--size", str(size)])
-        if rc != 0:
+        args = ["--src", str(SAMPLE / "img_align_celeba.zip"), "--partition", str(SAMPLE / "list_eval_partition.txt"),
+                "--out", str(out), "--size", str(size)]
+        if identities.is_file():
+            args += ["--identities", str(identities)] + (["--train-people", str(people)] if people else [])
+        elif people:
+            raise ConfigError(f"--train-people: the CelebA sample at {SAMPLE} has no identity_CelebA.txt")
+        if convert(args) != 0:
             raise ConfigError(f"converting the CelebA sample into {out} failed")
     return out
 
@@ -119,36 +150,88 @@ def protocol_config(data: Path, a, overrides: dict, seed: int, storage: str) -> 
     return validate(cfg)
 
 
-def run_one(name: str, overrides: dict, seed: int, data: Path, a, extractor, out: Path) -> dict:
+def identity_leak(data: Path, a) -> IdentityLeak | None:
+    """The identity audit for every run (``--identity``): auto = when the training and held-out
+    shards have identities and the privacy extra is installed."""
+    if a.identity == "off":
+        return None
+    try:
+        return IdentityLeak(data / "train", data / "val", a.identity_n, seed=0, cache_dir=a.cache)
+    except (IdentityAuditError, FaceIDError) as e:
+        if a.identity == "on":
+            raise ConfigError(f"--identity on: {e}") from None
+        print(f"quality: no identity columns ({e})", file=sys.stderr)
+        return None
+
+
+def run_one(name: str, overrides: dict, seed: int, data: Path, a, extractor, out: Path,
+            leak: IdentityLeak | None = None) -> list[dict]:
+    """The run's row, and with ``--filter-fpir`` > 0 (and the identity audit) a second one: the
+    same generator's faces behind the sampling-time filter (evaluation/leak.py)."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = protocol_config(data, a, overrides, seed, tmp)
         t0 = time.perf_counter()
         res = train_from_config(cfg, LocalContext(tmp, device=a.device, resume=False))
         train_s = time.perf_counter() - t0
-        ev = Evaluator(extractor, ShardSet(data / "val"), a.n, 0, 1, torch.device(a.device),
-                       ROOT / "runs" / "feature_cache", seed=0)
+        ev = Evaluator(extractor, ShardSet(data / "val"), a.n, 0, 1, torch.device(a.device), a.cache, seed=0)
         t1 = time.perf_counter()
         scores = ev(res.generator)
         eval_s = time.perf_counter() - t1
+        privacy = {"epsilon": res.epsilon}  # the accountant's ε spent (None: no DP)
+        filtered = None
+        if leak is not None:
+            t2 = time.perf_counter()
+            privacy |= _leak_columns(leak(res.generator, a.device), time.perf_counter() - t2)
+            try:  # the same generator behind the sampling-time filter
+                faces, kept, vectors = draw_excluding(res.generator, leak, a.n, 0, a.filter_fpir, a.device) \
+                    if a.filter_fpir > 0 else (None, None, None)
+            except IdentityAuditError as e:  # it draws its training people nearly always
+                print(f"quality: {name} seed {seed}: no filter row ({e})", file=sys.stderr)
+                faces = None
+            if faces is not None:
+                filtered = {**ev.score_faces(torch.from_numpy(b).permute(0, 3, 1, 2) for b in np.array_split(faces, 8)),
+                            **_leak_columns(leak.audit_faces(faces, vectors)[0], 0.0),
+                            "filter_dropped": kept["dropped"], "filter_drawn": kept["drawn"], "filter_fpir": a.filter_fpir}
     with torch.no_grad():
         G = res.generator.eval()
         z = sample_z(16, cfg.model.z_dim, torch.Generator().manual_seed(0)).to(a.device)
         grid(to_uint8(G(z)), nrow=16).save(out / f"{name}-seed{seed}.png")
-    return {"variant": name, "seed": seed, **scores, "steps": res.step, "train_s": round(train_s, 1),
-            "eval_s": round(eval_s, 1), "img_per_s": round(res.step * 64 / train_s, 1),
+    row = {"variant": name, "seed": seed, **scores, **privacy, "steps": res.step, "train_s": round(train_s, 1),
+            "eval_s": round(eval_s, 1), "img_per_s": round(res.step * cfg.train.batch_size / train_s, 1),
             "n": a.n, "size": a.size, "width": a.width, "epochs": a.epochs, "device": a.device,
+            "data": data.name, "train_faces": ShardSet(data / "train").count,
             "overrides": overrides}
+    return [row] + ([{**row, "variant": f"{name}+filter", **filtered}] if filtered else [])
+
+
+def _leak_columns(report: dict, seconds: float) -> dict:
+    return {**verdict(report), "identity_p_value": report["identity_auc_p_value"], "identity_flagged": report["flagged"],
+            "identity_n": report["n_fake"], "identity_s": round(seconds, 1)}
+
+
+def _each(rs: list[dict], key: str) -> str:
+    """Each run's value, when there are several: " (0.83, 0.73)"."""
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return f" ({', '.join(f'{v:.2f}' for v in vals)})" if len(vals) > 1 else ""
 
 
 def table(rows: list[dict]) -> str:
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["variant"], []).append(r)
-    lines = ["| variant | FID (mean ± half-range) | KID ×1e3 | runs | train min/run |", "|---|---|---|---|---|"]
+    lines = ["| variant | ε | FID (mean ± half-range) | KID ×1e3 | identity AUC | match rate | held-out match rate "
+             "| runs | train min/run |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def mean(rs, key, fmt, scale=1.0):
+        vals = [r[key] * scale for r in rs if r.get(key) is not None]
+        return format(statistics.mean(vals), fmt) if vals else "–"
+
     for name, rs in by.items():
-        f, k = [r["fid"] for r in rs], [r["kid"] * 1e3 for r in rs]
+        f = [r["fid"] for r in rs]
         spread = (max(f) - min(f)) / 2
-        lines.append(f"| {name} | {statistics.mean(f):.1f} ± {spread:.1f} | {statistics.mean(k):.1f} | {len(rs)} | "
+        lines.append(f"| {name} | {mean(rs, 'epsilon', '.3g')} | {statistics.mean(f):.1f} ± {spread:.1f} | "
+                     f"{mean(rs, 'kid', '.1f', 1e3)} | {mean(rs, 'identity_auc', '.2f')}{_each(rs, 'identity_auc')} | "
+                     f"{mean(rs, 'identity_match_rate', '.1%')} | {mean(rs, 'heldout_match_rate', '.1%')} | {len(rs)} | "
                      f"{statistics.mean(r['train_s'] for r in rs) / 60:.1f} |")
     return "\n".join(lines)
 
@@ -165,15 +248,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=float, default=0.125)
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", help="a shard root with train/ and val/ (default: the converted CelebA sample)")
+    p.add_argument("--train-people", type=int, default=0,
+                   help="train on the sample's first K training people only, all their photos (the leak stress "
+                        "protocol, docs/privacy.md); 0: all 152")
     p.add_argument("--extractor", choices=("inception", "pixels"), default="inception")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality"))
+    p.add_argument("--identity", choices=("auto", "on", "off"), default="auto",
+                   help="identity-leak columns (needs shards with identities and the privacy extra)")
+    p.add_argument("--identity-n", type=int, default=500, help="faces drawn for the identity audit")
+    p.add_argument("--filter-fpir", type=float, default=0.05,
+                   help="with the identity audit: also score each generator behind the sampling-time filter at "
+                        "this fpir (a '+filter' row); 0: no filter rows")
+    p.add_argument("--jsonl", help="also append each run's row to this JSON-lines file")
+    p.add_argument("--cache", default=str(ROOT / "runs" / "feature_cache"), help="feature and face-vector cache")
+    p.add_argument("--table", metavar="JSONL", help="print the table of the rows in this file, and stop")
     a = p.parse_args(argv)
+    if a.table:
+        print(table([json.loads(line) for line in Path(a.table).read_text().splitlines() if line.strip()]))
+        return 0
     try:
         variants = [parse_variant(v) for v in a.variants.split(",") if v]
-        data = ensure_data(a.data, a.size)
+        data = ensure_data(a.data, a.size, a.train_people)
         for name, ov in variants:  # every variant's config is valid before the first run starts
             protocol_config(data, a, ov, 0, "runs")
         extractor = build_extractor(a.extractor)
+        leak = identity_leak(data, a)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -182,9 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, ov in variants:
         for seed in range(a.first_seed, a.first_seed + a.seeds):
-            row = run_one(name, ov, seed, data, a, extractor, out)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for row in run_one(name, ov, seed, data, a, extractor, out, leak):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if a.jsonl:
+                    with open(a.jsonl, "a") as f:
+                        f.write(json.dumps(row) + "\n")
     print(table(rows), file=sys.stderr)
     return 0
 

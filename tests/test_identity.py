@@ -250,3 +250,35 @@ def test_publishing_guard_logs_but_never_registers_a_generator_over_the_cap(peop
     else:  # none under the cap: the final generator is the run's model, and nothing is registered
         assert "facegan.best_step" not in tags
         assert any(a.path == "generator" for a in client.list_artifacts(run_id))
+
+
+def test_quality_benchmark_reports_privacy_columns_and_a_filter_row(people, celeba64, tmp_path):
+    """benchmarks.quality on shards with identities: ε, the identity audit's columns, and the
+    same generator behind the sampling filter as a second row; --table reads a results file."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "train").symlink_to(people / "train")
+    (root / "val").symlink_to(celeba64 / "val")
+    rows_file = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--data", str(root), "--max-steps", "3", "--n", "32",
+           "--identity-n", "32", "--width", "0.0625", "--extractor", "pixels", "--identity", "on",
+           "--variants", "faces64+dp:model.d_norm=none;privacy.dp_epsilon=5", "--cache", str(people / "feature_cache"),
+           "--out", str(tmp_path / "strips"), "--jsonl", str(rows_file)]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["faces64+dp", "faces64+dp+filter"]
+    plain, filtered = rows
+    assert plain["overrides"]["optim.lr_d"] == 4e-4  # faces64's recipe under the ad-hoc part
+    assert 0 < plain["epsilon"] <= 5 and filtered["epsilon"] == plain["epsilon"]
+    for r in rows:
+        assert 0 <= r["identity_auc"] <= 1 and r["identity_n"] == 32 and r["fid"] > 0
+        assert {"identity_match_rate", "heldout_match_rate"} <= set(r)
+    assert filtered["filter_drawn"] % 100 == 0 and filtered["filter_drawn"] - filtered["filter_dropped"] >= 32
+    assert filtered["identity_match_rate"] <= filtered["heldout_match_rate"] + 0.05
+    table = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--table", str(rows_file)],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert "| faces64+dp+filter |" in table.stdout and "identity AUC" in table.stdout
