@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -51,7 +53,7 @@ from evaluation.fid import Evaluator, build_extractor
 from evaluation.identity import IdentityAuditError
 from evaluation.leak import IdentityLeak, draw_excluding, verdict
 from gan.config import Config, ConfigError, apply, flatten, load, validate
-from gan.context import LocalContext
+from gan.context import CHECKPOINT_FILE, LocalContext
 from gan.images import grid, to_uint8
 from gan.models import sample_z
 
@@ -150,6 +152,16 @@ def protocol_config(data: Path, a, overrides: dict, seed: int, storage: str) -> 
     return validate(cfg)
 
 
+def keep_checkpoint(src: Path, dst: Path) -> None:
+    """Copy a checkpoint and its digest sidecar whole (temp name, then rename)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for a, b in ((src, dst), (src.with_name(src.name + ".sha256"), dst.with_name(dst.name + ".sha256"))):
+        if a.is_file():
+            tmp = b.with_name(f".{b.name}.tmp")
+            shutil.copyfile(a, tmp)
+            os.replace(tmp, b)
+
+
 def identity_leak(data: Path, a) -> IdentityLeak | None:
     """The identity audit for every run (``--identity``): auto = when the training and held-out
     shards have identities and the privacy extra is installed."""
@@ -171,8 +183,12 @@ def run_one(name: str, overrides: dict, seed: int, data: Path, a, extractor, out
     with tempfile.TemporaryDirectory() as tmp:
         cfg = protocol_config(data, a, overrides, seed, tmp)
         t0 = time.perf_counter()
-        res = train_from_config(cfg, LocalContext(tmp, device=a.device, resume=False))
+        ctx = LocalContext(tmp, device=a.device, resume=False)
+        res = train_from_config(cfg, ctx)
+        ctx.flush()
         train_s = time.perf_counter() - t0
+        if a.keep:  # the final checkpoint (G, D, optimisers, config): what jobs.repair needs
+            keep_checkpoint(Path(tmp) / CHECKPOINT_FILE, Path(a.keep) / f"{name}-seed{seed}.pt")
         ev = Evaluator(extractor, ShardSet(data / "val"), a.n, 0, 1, torch.device(a.device), a.cache, seed=0)
         t1 = time.perf_counter()
         scores = ev(res.generator)
@@ -219,8 +235,8 @@ def table(rows: list[dict]) -> str:
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["variant"], []).append(r)
-    lines = ["| variant | ε | FID (mean ± half-range) | KID ×1e3 | identity AUC | match rate | held-out match rate "
-             "| runs | train min/run |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| variant | ε | FID (mean ± half-range) | KID ×1e3 | identity AUC | match rate | held-out match rate "
+              "| runs | train min/run |"), "|---|---|---|---|---|---|---|---|---|"]
 
     def mean(rs, key, fmt, scale=1.0):
         vals = [r[key] * scale for r in rs if r.get(key) is not None]
@@ -259,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--filter-fpir", type=float, default=0.05,
                    help="with the identity audit: also score each generator behind the sampling-time filter at "
                         "this fpir (a '+filter' row); 0: no filter rows")
+    p.add_argument("--keep", metavar="DIR", help="keep each run's final checkpoint as DIR/<variant>-seed<k>.pt")
     p.add_argument("--jsonl", help="also append each run's row to this JSON-lines file")
     p.add_argument("--cache", default=str(ROOT / "runs" / "feature_cache"), help="feature and face-vector cache")
     p.add_argument("--table", metavar="JSONL", help="print the table of the rows in this file, and stop")
