@@ -32,6 +32,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Schema, TensorSpec
 
+from evaluation.watermark import source_id_of
 from gan.config import ModelConfig
 from gan.models import Generator
 
@@ -104,7 +105,10 @@ def log_generator(tracking_uri: str, run_id: str, G, model_cfg: ModelConfig, reg
         version = str(info.registered_model_version)
         client.update_registered_model(register_as, description=(
             f"facegan DCGAN generator, {G.size} px: z ~ U(-1, 1) of shape (n, {z_dim}) in, images "
-            f"(n, 3, {G.size}, {G.size}) in [-1, 1] out. Alias 'champion': the best FID so far."))
+            f"(n, 3, {G.size}, {G.size}) in [-1, 1] out. Alias 'champion': the best FID so far. "
+            f"Provenance: this raw tensor model is unmarked; faces made with `python -m jobs.sample` or "
+            f"`jobs.repair` carry an invisible mark whose payload is the run's source id (its "
+            f"facegan.watermark tag, here {source_id_of(run_id)}); `python -m jobs.verify IMAGE` reads it."))
         client.update_model_version(register_as, version, description=description or "")
         client.set_registered_model_alias(register_as, "champion", version)
 

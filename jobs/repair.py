@@ -11,7 +11,8 @@ photo (white = damaged; carried into the crop with the face), or a folder with o
 per photo, by file stem. Writes to ``--out``: ``repaired/`` (the blended faces), ``generated/``
 (the generator's face, unblended), ``masked/`` (the input, hole in grey), ``photos/`` (the
 repair pasted back into the photo, when it was aligned here), ``sheet.png`` (per row: face,
-masked, generated, repaired) and ``repair.json``; ``--mlflow`` also logs them as a run.
+masked, generated, repaired) and ``repair.json``; ``--mlflow`` also logs them as a run. The
+repaired, generated and pasted images carry the provenance mark (``python -m jobs.verify``).
 
 Latent search needs the discriminator, and the published MLflow model is the generator alone:
 ``--model`` takes a training checkpoint (file or folder: G, its EMA and D), or a run
@@ -36,6 +37,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageOps
 
 from datasets.align import AlignError, Aligner, blend, paste_back, warp_mask
+from evaluation.watermark import Watermark
 from gan.checkpoint import generator_from_state, load_state
 from gan.config import from_flat
 from gan.context import CHECKPOINT_FILE
@@ -43,7 +45,7 @@ from gan.images import grid
 from gan.inpaint import MASKS, SearchConfig, fill, latent_search, named_mask
 from gan.models import Discriminator
 from jobs.cli import Parser, positive_int, write_json
-from jobs.specs import SpecError
+from jobs.specs import SpecError, source_id
 from jobs.tracking import RUN_DIR_TAG, resolve_tracking_uri
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -234,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = SearchConfig(a.steps, a.lr, a.lam, a.restarts)
+    sid, what = source_id(a.model)
+    mark = Watermark()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, sheet = [], []
@@ -247,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             fixed, gen, stats = repair(pair, np.stack([j.face for j in part]), np.stack([j.hole for j in part]),
                                        cfg, a.seed + start, a.device, not a.no_blend)
             per = (time.perf_counter() - t0) / len(part)
+            fixed, gen = mark.mark(fixed, sid), mark.mark(gen, sid)  # generated pixels leave facegan marked
             for j, r, g, ctx, pri in zip(part, fixed, gen, stats["context"], stats["prior"]):
                 for k, img in (("repaired", r), ("generated", g), ("masked", masked_view(j.face, j.hole))):
                     Image.fromarray(img).save(tmp / k / f"{j.name}.png")
                 if j.matrix is not None:
-                    Image.fromarray(paste_back(j.photo, r, j.matrix, j.hole)).save(tmp / "photos" / f"{j.name}.png")
+                    # the marked face goes back in: jobs.verify finds it through the aligner
+                    Image.fromarray(paste_back(j.photo, r, j.matrix)).save(tmp / "photos" / f"{j.name}.png")
                 row = {"photo": j.name, "hole": round(float(j.hole.mean()), 4),
                        "context_per_px": round(float(ctx) / max(1, (~j.hole).sum()), 5),
                        "d_real": round(float(np.exp(-float(pri))), 4), "seconds": round(per, 3)}
@@ -262,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                     sheet += [j.face, masked_view(j.face, j.hole), g, r]
         grid(np.stack(sheet), nrow=4).save(tmp / "sheet.png")
         write_json(tmp / "repair.json", {"model": a.model, "checkpoint": pair.source, "mask": a.mask,
+                                         "watermark": {"source_id": sid, "names": what},
                                          "search": cfg.__dict__, "blend": not a.no_blend, "faces": rows})
         for item in sorted(tmp.iterdir()):  # complete results only, each moved into place
             if item.is_dir() and not any(item.iterdir()):
@@ -281,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "seconds_per_face": float(np.mean([r["seconds"] for r in rows]))})
             mlflow.log_artifacts(str(out), artifact_path="repair")
             print(f"mlflow: run {run.info.run_id} in experiment {a.mlflow}")
-    print(f"repaired {len(rows)} face(s) into {out} (sheet.png, repaired/, repair.json)")
+    print(f"repaired {len(rows)} face(s) into {out} (sheet.png, repaired/, repair.json); marked with source id "
+          f"{sid} ({what}; python -m jobs.verify {out / 'repaired'})")
     return 0
 
 

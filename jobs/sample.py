@@ -11,6 +11,10 @@ Writes ``grid.png`` (all samples), ``sample_NNN.png`` (each one) and, with --int
 grid. MLflow URIs need MLFLOW_TRACKING_URI (or the default ./mlflow.db). Checkpoints give the
 EMA generator when the run kept one.
 
+Every face written carries the provenance mark (evaluation/watermark.py): an invisible
+watermark whose payload is the source id (the first 4 hex digits of the run's id, or of the
+checkpoint file's sha256); ``python -m jobs.verify FOLDER`` reads it back.
+
 ``--exclude-training-identities`` drops each face whose nearest training photo (face-matcher
 distance, evaluation/faceid.py) is within the threshold calibrated on the held-out people
 (``--filter-fpir``: the fraction of strangers' photos that threshold also catches), draws again
@@ -32,10 +36,11 @@ from evaluation.faceid import FaceIDError
 from evaluation.fid import eval_latents
 from evaluation.identity import IdentityAuditError
 from evaluation.leak import IdentityLeak, draw_excluding
+from evaluation.watermark import Watermark
 from gan.images import grid, to_uint8
 from gan.models import sample_z
 from jobs.cli import Parser, write_json
-from jobs.specs import SpecError
+from jobs.specs import SpecError, source_id
 from jobs.specs import load_generator as load_or_explain
 
 
@@ -78,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ShardError, IdentityAuditError, FaceIDError, ValueError) as e:
             print(f"error: --exclude-training-identities: {e}", file=sys.stderr)
             return 2
+    sid, what = source_id(a.model)
+    mark = Watermark()
+    images = mark.mark(images, sid)  # every face that leaves facegan carries its source (jobs.verify)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if filtered is not None:
@@ -94,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         start, end = sample_z(rows, G.z_dim, gen), sample_z(rows, G.z_dim, gen)
         frames = []
         for t in torch.linspace(0, 1, a.interpolate):
-            frames.append(grid(to_uint8(G(torch.lerp(start, end, t).to(a.device)).cpu()), nrow=rows))
+            frames.append(grid(mark.mark(to_uint8(G(torch.lerp(start, end, t).to(a.device)).cpu()), sid), nrow=rows))
         frames += frames[-2:0:-1]  # there and back, so the loop has no jump
         frames[0].save(out / "interpolation.gif", save_all=True, append_images=frames[1:], duration=120, loop=0)
-    print(f"wrote {a.n} samples to {out}" + (" and interpolation.gif" if a.interpolate > 1 else ""))
+    print(f"wrote {a.n} samples to {out}" + (" and interpolation.gif" if a.interpolate > 1 else "")
+          + f", each marked with source id {sid} ({what}; python -m jobs.verify {out})")
     return 0
 
 

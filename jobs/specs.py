@@ -8,6 +8,7 @@ same seed and count score the same faces as the in-training evaluation.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from datasets.shards import MANIFEST, ShardSet
 from evaluation.fid import eval_latents, iter_rows, to_uint8_nchw
+from evaluation.watermark import source_id_of
 from gan.checkpoint import generator_from_state, load_state
 from gan.config import from_flat
 from gan.context import CHECKPOINT_FILE
@@ -75,6 +77,33 @@ def _load(source: str) -> torch.nn.Module:
         raise FileNotFoundError("no such file or folder; expected runs:/…, models:/… or a checkpoint (file or folder)")
     state = load_state(path)
     return generator_from_state(state, from_flat(state["config"]).model)
+
+
+def source_id(spec: str) -> tuple[str, str]:
+    """The provenance payload for faces made from SPEC (evaluation/watermark.py), and what it names:
+    a run's id (``runs:/``, or a registered model's run) or a checkpoint file's sha256."""
+    try:
+        if spec.startswith("runs:/"):
+            run_id = spec[len("runs:/"):].split("/")[0]
+        elif spec.startswith("models:/"):
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(resolve_tracking_uri())
+            name, _, ver = spec[len("models:/"):].partition("/")
+            name, _, alias = name.partition("@")
+            run_id = (client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, ver)).run_id
+        else:
+            path = Path(spec)
+            if path.is_dir():  # a checkpoint folder, or a run folder of them (the latest)
+                path = path / CHECKPOINT_FILE if (path / CHECKPOINT_FILE).is_file() \
+                    else sorted(path.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))[-1]
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            return source_id_of(digest), f"checkpoint {path.name} sha256 {digest[:12]}…"
+        return source_id_of(run_id), f"run {run_id}"
+    except Exception as e:  # the generator loaded, so this is rare: say so and mark with a digest of the spec
+        fallback = hashlib.sha256(spec.encode()).hexdigest()
+        return source_id_of(fallback), f"{spec} ({type(e).__name__}: the id is a digest of the spec)"
 
 
 def load_generator(spec: str) -> torch.nn.Module:

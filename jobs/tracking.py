@@ -28,11 +28,13 @@ from PIL import Image
 
 from datasets.shards import ShardSet
 from evaluation.fid import manifest_digest
+from evaluation.watermark import source_id_of
 from gan.config import ConfigError
 from jobs.publish import publish
 
 RUN_DIR_TAG = "facegan.run_dir"
 RUN_NAME_TAG = "facegan.run_name"
+WATERMARK_TAG = "facegan.watermark"
 
 
 def resolve_tracking_uri() -> str:
@@ -129,6 +131,8 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, run_dir: str, p
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # shows as nested under the sweep in the UI
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    # The payload of the provenance mark on every face made from this run (jobs.sample, jobs.repair)
+    client.set_tag(run.info.run_id, WATERMARK_TAG, source_id_of(run.info.run_id))
     items = [Param(k, str(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i:i + 100])
