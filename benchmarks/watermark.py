@@ -42,14 +42,14 @@ def all_faces(path: Path) -> np.ndarray:
 
 
 def _jpeg_st(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    q = int(rng.integers(40, 96))
+    q = int(rng.integers(35, 96))
     y = to_unit(np.stack([jpeg(f, q) for f in to_u8(x.detach())]))
     return x + (y - x).detach()
 
 
 def distort(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     """One training distortion for the whole batch (differentiable, or straight-through)."""
-    k = rng.integers(0, 7)
+    k = rng.integers(0, 8)
     n, _, h, w = x.shape
     if k == 1:
         x = _jpeg_st(x, rng)
@@ -70,6 +70,15 @@ def distort(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
                                    size=(h, w), mode="bilinear").clamp(-1, 1), rng)
     elif k == 6:
         x = x + torch.randn_like(x) * 0.02
+    elif k == 7:  # a crop, turned a little, then JPEG: what a re-aligned, re-saved face goes through
+        side = int(h * rng.uniform(0.85, 0.97))
+        i, j = rng.integers(0, h - side + 1, 2)
+        angle = float(rng.uniform(-4, 4)) * np.pi / 180
+        theta = torch.tensor([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0]],
+                             dtype=x.dtype).expand(n, 2, 3)
+        x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode="reflection",
+                          align_corners=False)
+        x = _jpeg_st(F.interpolate(x[:, :, i:i + side, j:j + side], size=(h, w), mode="bilinear").clamp(-1, 1), rng)
     x = x.clamp(-1, 1)
     return x + ((x + 1).mul(127.5).round().div(127.5).sub(1) - x).detach()  # 8 bits
 
@@ -79,6 +88,10 @@ def train(a) -> int:
     rng = np.random.default_rng(0)
     faces = to_unit(all_faces(Path(a.data) / "train"))
     enc, dec = Encoder(), Decoder()
+    if a.init:  # continue from trained weights (a second, harder phase)
+        state = torch.load(a.init, weights_only=True)
+        enc.load_state_dict(state["encoder"])
+        dec.load_state_dict(state["decoder"])
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=a.lr)
     t0, log = time.perf_counter(), []
     for step in range(1, a.steps + 1):
@@ -91,7 +104,7 @@ def train(a) -> int:
         logits = dec(noised)
         bit_loss = F.binary_cross_entropy_with_logits(logits, m)
         img_loss = r.pow(2).mean()
-        ramp = min(1.0, max(0.0, (step - a.warmup) / a.warmup))  # bits first, then the image's cost
+        ramp = min(1.0, max(0.0, (step - a.warmup) / max(a.warmup, 1)))  # bits first, then the image's cost
         loss = bit_loss + a.image_weight * ramp * img_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -204,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(ROOT / "data" / "celeba64"))
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--warmup", type=int, default=300, help="steps without distortions first")
+    p.add_argument("--init", help="start from these weights")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--strength", type=float, default=0.08, help="the residual's bound, in [-1, 1] units")

@@ -35,6 +35,7 @@ from mlflow.types.schema import Schema, TensorSpec
 from evaluation.watermark import source_id_of
 from gan.config import ModelConfig
 from gan.models import Generator
+from jobs import marked_model
 
 MODEL_PATH = "generator"
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,14 @@ def log_generator(tracking_uri: str, run_id: str, G, model_cfg: ModelConfig, reg
                                         input_example=example,
                                         registered_model_name=register_as or None,
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        # Beside it, the marked model: uint8 faces carrying the provenance mark (jobs/marked_model.py)
+        with tempfile.TemporaryDirectory() as tmp:
+            marked_model.save_data(Path(tmp) / "data", G, model_cfg, source_id_of(run_id))
+            faces = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, z_dim))]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, G.size, G.size, 3))]))
+            mlflow.pyfunc.log_model(name=marked_model.NAME, loader_module="jobs.marked_model",
+                                    data_path=str(Path(tmp) / "data"), signature=faces,
+                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "facegan"])
     if register_as and info.registered_model_version is not None:
         # Each new best becomes the champion: models:/<name>@champion is always the best so far.
         client = MlflowClient(tracking_uri)
@@ -106,9 +115,10 @@ def log_generator(tracking_uri: str, run_id: str, G, model_cfg: ModelConfig, reg
         client.update_registered_model(register_as, description=(
             f"facegan DCGAN generator, {G.size} px: z ~ U(-1, 1) of shape (n, {z_dim}) in, images "
             f"(n, 3, {G.size}, {G.size}) in [-1, 1] out. Alias 'champion': the best FID so far. "
-            f"Provenance: this raw tensor model is unmarked; faces made with `python -m jobs.sample` or "
-            f"`jobs.repair` carry an invisible mark whose payload is the run's source id (its "
-            f"facegan.watermark tag, here {source_id_of(run_id)}); `python -m jobs.verify IMAGE` reads it."))
+            f"Provenance: this raw tensor model is unmarked; the run's `faces` model (uint8 images out) and "
+            f"faces made with `python -m jobs.sample` or `jobs.repair` carry an invisible mark whose payload "
+            f"is the run's source id (its facegan.watermark tag, here {source_id_of(run_id)}); "
+            f"`python -m jobs.verify IMAGE` reads it."))
         client.update_model_version(register_as, version, description=description or "")
         client.set_registered_model_alias(register_as, "champion", version)
 

@@ -7,8 +7,9 @@ first 4 hex digits of the run that made it, its ``facegan.watermark`` tag) and t
 (0: the bits are a coin toss, 1: certain); a file that is not a readable image gets
 ``unreadable`` and the reason. Then a summary line. Exit status: 0 when every image is marked,
 1 when some are not, 2 when a path or file could not be read. Folders are read one level deep
-(PNG, JPEG, WebP, BMP, TIFF). An image is read whole (shrunk to 64 px); when that finds no mark
-and the image is larger, each face in it is found and aligned (datasets/align.py, the privacy
+(PNG, JPEG, WebP, BMP, TIFF). An image is read whole (shrunk to 64 px); when that finds no mark,
+a grid of faces (``jobs.sample``'s ``grid.png``) is read face by face (marked when most are), and
+another larger image has each face in it found and aligned (datasets/align.py, the privacy
 extra) and read on its own: a photo with a repaired face pasted back in (``jobs.repair``).
 """
 from __future__ import annotations
@@ -46,6 +47,21 @@ def load(path: Path) -> np.ndarray:
 _ALIGNER = []
 
 
+def tiles(img: np.ndarray, pad: int = 2) -> np.ndarray | None:
+    """The faces of a grid as gan/images.py draws it (S px tiles, ``pad`` px white borders), or None."""
+    h, w = img.shape[:2]
+    for size in (64, 128):
+        step = size + pad
+        if (h - pad) % step or (w - pad) % step or (h - pad) // step * ((w - pad) // step) < 2:
+            continue
+        cells = [img[pad + r * step: pad + r * step + size, pad + c * step: pad + c * step + size]
+                 for r in range((h - pad) // step) for c in range((w - pad) // step)]
+        cells = [c for c in cells if c.min() < 255]  # the grid's empty places are white
+        if (img[:pad] == 255).all() and cells:
+            return np.stack(cells)
+    return None
+
+
 def faces_in(img: np.ndarray) -> list:
     """The faces of a larger photo, aligned to the 64 px crop (needs the privacy extra; [] without it)."""
     if max(img.shape[:2]) <= 2 * SIZE:
@@ -79,7 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{f}  unreadable  {reason}")
             continue
         r, where = wm.read(resized(img[None], SIZE))[0], ""
-        if not r.marked and (found := faces_in(img)):  # a photo with a marked face in it (jobs.repair's photos/)
+        if not r.marked and (cells := tiles(img)) is not None:  # a sample grid (jobs.sample's grid.png)
+            readings = wm.read(resized(cells, SIZE))
+            ids = [x.source_id for x in readings if x.marked]
+            if ids and max(map(ids.count, ids)) * 2 > len(cells):
+                best = max(set(ids), key=ids.count)
+                r = next(x for x in readings if x.source_id == best)
+                where = f"  ({ids.count(best)} of {len(cells)} faces of a grid)"
+        elif not r.marked and (found := faces_in(img)):  # a photo with a marked face in it (jobs.repair's photos/)
             readings = wm.read(np.stack([f.image for f in found]))
             k = max(range(len(found)), key=lambda i: (readings[i].marked, readings[i].confidence))
             if readings[k].marked:

@@ -2,6 +2,7 @@
 Inception), best-generator tracking, the memorization audit and the sampling CLI."""
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -136,8 +137,24 @@ def test_sample_cli_from_checkpoint_run_and_registry(faces64, heldout, tmp_path,
         gif = Image.open(out / "interpolation.gif")
         assert gif.n_frames == 6  # 4 frames there, 2 back
         outputs[name] = np.asarray(Image.open(out / "sample_003.png"))
-    # The same EMA weights through every route give the same faces.
-    assert all(np.array_equal(outputs["ckpt"], o) for o in outputs.values())
+    # The same EMA weights through every route give the same faces, under the provenance mark of
+    # their source: the checkpoint's digest for a checkpoint, the run's id for a run or its model.
+    assert np.array_equal(outputs["ckpt"], outputs["ckpt_dir"]) and np.array_equal(outputs["run"], outputs["registry"])
+    diff = np.abs(outputs["ckpt"].astype(int) - outputs["run"])
+    assert diff.max() <= 2 * 11 and diff.mean() < 4
+    from evaluation.watermark import Watermark, source_id_of
+    from jobs import verify
+
+    assert verify.main([str(tmp_path / "registry")]) == 0  # the 10 faces and their grid
+    out = capsys.readouterr().out
+    assert f"11 image(s): 11 marked (source {source_id_of(run_id)})" in out and "(10 of 10 faces of a grid)" in out
+    # The marked MLflow model: uint8 faces, each carrying the run's source id; the tensor model stays raw.
+    z = (torch.rand(6, cfg.model.z_dim) * 2 - 1).numpy()
+    faces = mlflow.pyfunc.load_model(f"runs:/{run_id}/faces").predict(z)
+    assert faces.dtype == np.uint8 and faces.shape == (6, 64, 64, 3)
+    assert all(r.marked and r.source_id == source_id_of(run_id) for r in Watermark().read(faces))
+    raw = mlflow.pytorch.load_model(f"runs:/{run_id}/generator")(torch.from_numpy(z))
+    assert raw.dtype == torch.float32 and raw.shape == (6, 3, 64, 64)
     # What is not a generator is one line (exit 2); a NaN generator writes no black faces (exit 1).
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "cut.pt").write_bytes(ckpt.read_bytes()[:1000])
