@@ -1,6 +1,8 @@
 """The provenance mark (evaluation/watermark.py): train it, and measure what it survives.
 
-    python -m benchmarks.watermark --train [--steps 4000]     # writes evaluation/watermark.pt
+    python -m benchmarks.watermark --train --steps 3000 --image-weight 100 --weights runs/wm/a.pt
+    python -m benchmarks.watermark --train --init runs/wm/a.pt --warmup 0 --lr 3e-4 --steps 2000 \
+        --image-weight 100 --weights evaluation/watermark.pt       # the shipped weights (2 phases)
     python -m benchmarks.watermark --model runs/repair64/faces64-seed0.pt   # the table
 
 Training: real 64 px faces of the CelebA sample's training split, random 32-bit messages, and
