@@ -22,6 +22,8 @@ import numpy as np
 
 from datasets.shards import ShardSet, ShardWriter
 from evaluation.watermark import Watermark, message_of
+from jobs.repair import load_pair
+from jobs.specs import sample_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 PAYLOAD = "f1f1"
@@ -40,9 +42,6 @@ def make(src: Path, out: Path) -> None:
 
 
 def read(spec: str, n: int) -> dict:
-    from jobs.repair import load_pair
-    from jobs.specs import sample_faces
-
     G = load_pair(spec).G
     faces = np.concatenate(list(sample_faces(G, n, 0, 100, "cpu")))
     wm = Watermark()

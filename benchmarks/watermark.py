@@ -21,9 +21,11 @@ of both against the validation faces.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +34,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from datasets.shards import ShardSet
+from evaluation.fid import Evaluator, build_extractor
 from evaluation.watermark import BITS, WEIGHTS, Decoder, Encoder, Watermark, jpeg, message_of, resized, to_u8, \
     to_unit
+from jobs.repair import load_pair
+from jobs.specs import sample_faces
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,10 +165,6 @@ def read_all(wm: Watermark, images: list[np.ndarray]) -> list:
 
 
 def table(a) -> int:
-    from evaluation.fid import Evaluator, build_extractor
-    from jobs.repair import load_pair
-    from jobs.specs import sample_faces
-
     wm = Watermark(a.weights)
     rng = np.random.default_rng(0)
     pair = load_pair(a.model)
@@ -188,8 +189,6 @@ def table(a) -> int:
     data = Path(a.data)
     crops = np.concatenate([all_faces(data / s) for s in ("train", "val", "test")])
     false_crops = sum(r.marked for r in wm.read(crops))
-    import io
-    import zipfile
     z = zipfile.ZipFile(a.zip)
     photos = [np.asarray(Image.open(io.BytesIO(z.read(m))).convert("RGB")) for m in sorted(z.namelist()) if m.endswith(".jpg")]
     false_photos = sum(r.marked for r in read_all(wm, photos))

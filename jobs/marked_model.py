@@ -11,6 +11,7 @@ no code from the model, the same guarantee as the exported pt2 generator.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -27,8 +28,6 @@ WEIGHTS, META = "generator.pt", "marked.json"
 
 
 def save_data(folder: Path, G: torch.nn.Module, model_cfg: ModelConfig, source_id: str) -> None:
-    import dataclasses
-
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in G.state_dict().items()}, folder / WEIGHTS)
     (folder / META).write_text(json.dumps({"model": dataclasses.asdict(model_cfg), "source_id": source_id}))

@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
@@ -277,17 +276,21 @@ def main(argv: list[str] | None = None) -> int:
             if dst.is_dir():
                 shutil.rmtree(dst)
             os.replace(item, dst)
-    if a.mlflow:
-        mlflow.set_tracking_uri(resolve_tracking_uri())
-        mlflow.set_experiment(a.mlflow)
-        with mlflow.start_run(run_name=f"repair-{a.mask}") as run:
-            mlflow.log_params({"model": a.model, "checkpoint": pair.source, "mask": a.mask, "steps": a.steps,
-                               "lam": a.lam, "lr": a.lr, "restarts": a.restarts, "blend": not a.no_blend})
-            mlflow.log_metrics({"context_per_px": float(np.mean([r["context_per_px"] for r in rows])),
-                                "d_real": float(np.mean([r["d_real"] for r in rows])),
-                                "seconds_per_face": float(np.mean([r["seconds"] for r in rows]))})
-            mlflow.log_artifacts(str(out), artifact_path="repair")
-            print(f"mlflow: run {run.info.run_id} in experiment {a.mlflow}")
+    if a.mlflow:  # through a client: no process-wide active run or experiment is left behind
+        client = MlflowClient(resolve_tracking_uri())
+        exp = client.get_experiment_by_name(a.mlflow)
+        run = client.create_run(exp.experiment_id if exp else client.create_experiment(a.mlflow),
+                                run_name=f"repair-{a.mask}", tags={"facegan.watermark": sid})
+        rid = run.info.run_id
+        for k, v in {"model": a.model, "checkpoint": pair.source, "mask": a.mask, "steps": a.steps, "lam": a.lam,
+                     "lr": a.lr, "restarts": a.restarts, "blend": not a.no_blend}.items():
+            client.log_param(rid, k, str(v))
+        for k in ("context_per_px", "d_real"):
+            client.log_metric(rid, k, float(np.mean([r[k] for r in rows])))
+        client.log_metric(rid, "seconds_per_face", float(np.mean([r["seconds"] for r in rows])))
+        client.log_artifacts(rid, str(out), artifact_path="repair")
+        client.set_terminated(rid)
+        print(f"mlflow: run {rid} in experiment {a.mlflow}")
     print(f"repaired {len(rows)} face(s) into {out} (sheet.png, repaired/, repair.json); marked with source id "
           f"{sid} ({what}; python -m jobs.verify {out / 'repaired'})")
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow
+from mlflow.tracking import MlflowClient
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -86,8 +87,6 @@ def source_id(spec: str) -> tuple[str, str]:
         if spec.startswith("runs:/"):
             run_id = spec[len("runs:/"):].split("/")[0]
         elif spec.startswith("models:/"):
-            from mlflow.tracking import MlflowClient
-
             client = MlflowClient(resolve_tracking_uri())
             name, _, ver = spec[len("models:/"):].partition("/")
             name, _, alias = name.partition("@")

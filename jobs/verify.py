@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from datasets.align import Aligner
 from evaluation.watermark import SIZE, Watermark, resized
 from jobs.cli import Parser, write_json
 
@@ -68,7 +69,6 @@ def faces_in(img: np.ndarray) -> list:
         return []
     if not _ALIGNER:
         try:
-            from datasets.align import Aligner
             _ALIGNER.append(Aligner(SIZE, min_face=24))
         except Exception:  # dlib or its models missing: whole-image reading only
             _ALIGNER.append(None)

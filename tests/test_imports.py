@@ -23,7 +23,8 @@ ALLOWED = {
 }
 # Imported inside a function because they are extras (pyproject's optional dependencies) or
 # absent on some machines (the GPU benchmark machines train without torchmetrics, Ray or MLflow).
-OPTIONAL = {"optuna", "dlib", "face_recognition_models", "boto3", "psycopg2", "moto", "torchmetrics", "opacus"}
+OPTIONAL = {"optuna", "dlib", "face_recognition_models", "boto3", "psycopg2", "moto", "torchmetrics", "opacus",
+            "imwatermark"}  # benchmarks/watermark_library.py measures it; facegan does not depend on it
 
 
 def modules() -> dict[str, Path]:

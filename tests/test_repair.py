@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
@@ -148,4 +147,3 @@ def test_runs_and_registered_models_resolve_to_their_checkpoint(trained, mlflow_
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "repair")}
     assert {"repair/sheet.png", "repair/repair.json", "repair/repaired"} <= arts
     assert runs[0].data.params["mask"] == "strokes" and "seconds_per_face" in runs[0].data.metrics
-    mlflow.set_tracking_uri(None)
