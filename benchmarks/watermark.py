@@ -2,10 +2,17 @@
 
     python -m benchmarks.watermark --train --steps 3000 --image-weight 100 --weights runs/wm/a.pt
     python -m benchmarks.watermark --train --init runs/wm/a.pt --warmup 0 --lr 3e-4 --steps 2000 \
-        --image-weight 100 --weights evaluation/watermark.pt       # the shipped weights (2 phases)
+        --image-weight 100 --weights runs/wm/b.pt
+    python -m benchmarks.watermark --train --init runs/wm/b.pt --extra data/generated64/train --warmup 0 \
+        --lr 3e-4 --steps 1200 --image-weight 100 --weights runs/wm/c.pt
+    python -m benchmarks.watermark --train --init runs/wm/c.pt --extra data/generated64/train data/wm-smoke \
+        data/wm-faces64 --warmup 0 --lr 3e-4 --steps 1200 --image-weight 100 \
+        --weights evaluation/watermark.pt    # the shipped weights: 4 phases
     python -m benchmarks.watermark --model runs/repair64/faces64-seed0.pt   # the table
 
-Training: real 64 px faces of the CelebA sample's training split, random 32-bit messages, and
+Training: real 64 px faces of the CelebA sample's training split (later phases add ``--extra``
+faces: the procedural faces of the default preset, and 3,000 samples each of a smoke-preset and a
+faces64 generator, drawn on latents other than the table's), random 32-bit messages, and
 per batch one distortion drawn from those the table lists (JPEG is Pillow's, straight-through;
 every image is rounded to 8 bits). Loss: the bits' cross-entropy plus ``--image-weight`` times
 the residual's mean square; the residual is bounded by ``--strength`` (tanh).
@@ -93,7 +100,11 @@ def distort(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 def train(a) -> int:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    faces = to_unit(all_faces(Path(a.data) / "train"))
+    faces = all_faces(Path(a.data) / "train")
+    for extra in a.extra:  # other kinds of faces facegan draws (the smoke preset's procedural ones)
+        more = all_faces(Path(extra))
+        faces = np.concatenate([faces, more[rng.permutation(len(more))[:len(faces)]]])
+    faces = to_unit(faces)
     enc, dec = Encoder(), Decoder()
     if a.init:  # continue from trained weights (a second, harder phase)
         state = torch.load(a.init, weights_only=True)
@@ -219,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--warmup", type=int, default=300, help="steps without distortions first")
     p.add_argument("--init", help="start from these weights")
+    p.add_argument("--extra", nargs="*", default=[], help="more shard sets to train on (as many faces as --data's)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--strength", type=float, default=0.08, help="the residual's bound, in [-1, 1] units")

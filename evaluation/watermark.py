@@ -128,7 +128,10 @@ class Watermark:
         residual = self.encoder(small, m) * self.strength
         if (h, w) != (SIZE, SIZE):
             residual = F.interpolate(residual, size=(h, w), mode="bicubic", align_corners=False)
-        return to_u8((to_unit(faces) + residual).clamp(-1, 1))
+        # Headroom: pixels at the ends of the range would clip the residual away (saturated
+        # generators draw many), so they are pulled in by the residual's bound first.
+        x = to_unit(faces).clamp(-1 + self.strength, 1 - self.strength)
+        return to_u8((x + residual).clamp(-1, 1))
 
     @torch.no_grad()
     def bits(self, faces: np.ndarray) -> np.ndarray:

@@ -141,7 +141,7 @@ def test_sample_cli_from_checkpoint_run_and_registry(faces64, heldout, tmp_path,
     # their source: the checkpoint's digest for a checkpoint, the run's id for a run or its model.
     assert np.array_equal(outputs["ckpt"], outputs["ckpt_dir"]) and np.array_equal(outputs["run"], outputs["registry"])
     diff = np.abs(outputs["ckpt"].astype(int) - outputs["run"])
-    assert diff.max() <= 2 * 11 and diff.mean() < 4
+    assert diff.max() <= 2 * 21 and diff.mean() < 6
     from evaluation.watermark import Watermark, source_id_of
     from jobs import verify
 

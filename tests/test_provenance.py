@@ -53,6 +53,17 @@ def test_a_marked_face_survives_jpeg_75_with_its_payload(wm, real):
     assert all(r.marked and r.flipped for r in mirrored)
 
 
+def test_the_procedural_faces_of_the_default_preset_are_marked_too(wm, faces64):
+    """Command 1 trains on drawn faces (flat colours, hard edges): the mark must hold there as well."""
+    from datasets.shards import ShardSet
+
+    s = ShardSet(faces64)
+    faces = np.concatenate([s.read(rg) for rg in s.row_groups])[:128]
+    assert sum(r.marked for r in wm.read(faces)) == 0
+    readings = wm.read(np.stack([jpeg(f, 90) for f in wm.mark(faces, "c0de")]))
+    assert np.mean([r.marked and r.source_id == "c0de" for r in readings]) >= 0.95
+
+
 def test_real_faces_are_not_flagged(wm, real):
     readings = wm.read(real)  # the sample's 780 validation faces, unmarked
     assert sum(r.marked for r in readings) == 0

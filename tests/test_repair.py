@@ -80,9 +80,10 @@ def test_jobs_repair_on_photos_from_the_wild(trained, tmp_path, capsys):
         fixed = np.asarray(Image.open(out / "repaired" / f"{p.stem}.png"))
         masked = np.asarray(Image.open(out / "masked" / f"{p.stem}.png"))
         assert fixed.shape == (64, 64, 3)
-        # the intact upper half is the photo's own, under the provenance mark's residual (<= 0.08 of the range)
+        # the intact upper half is the photo's own, under the provenance mark (a residual bounded by 0.08 of
+        # the range, after pulling the extreme levels in by as much: at most ~21 levels)
         diff = np.abs(fixed[:30].astype(int) - masked[:30])
-        assert diff.max() <= 11 and diff.mean() < 3
+        assert diff.max() <= 21 and diff.mean() < 4
         assert (fixed[40:].astype(int) - masked[40:]).std() > 10  # the hole was filled, not left grey
         assert Image.open(out / "photos" / f"{p.stem}.png").size == Image.open(p).size
     assert Image.open(out / "sheet.png").size[0] == 4 * 66 + 2
