@@ -44,7 +44,7 @@ from gan.images import grid
 from gan.inpaint import MASKS, SearchConfig, fill, latent_search, named_mask
 from gan.models import Discriminator
 from jobs.cli import Parser, positive_int, write_json
-from jobs.specs import SpecError, source_id
+from jobs.specs import SpecError, run_id_of, source_id
 from jobs.tracking import RUN_DIR_TAG, resolve_tracking_uri
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -81,13 +81,7 @@ def load_pair(spec: str) -> Pair:
     try:
         if spec.startswith(("runs:/", "models:/")):
             client = MlflowClient(resolve_tracking_uri())
-            if spec.startswith("runs:/"):
-                run_id = spec[len("runs:/"):].split("/")[0]
-            else:
-                name, _, ver = spec[len("models:/"):].partition("/")
-                name, _, alias = name.partition("@")
-                mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, ver)
-                run_id = mv.run_id
+            run_id = run_id_of(spec, client)
             run_dir = client.get_run(run_id).data.tags.get(RUN_DIR_TAG)
             ckpt = latest_checkpoint(Path(run_dir)) if run_dir and "://" not in run_dir else None
             if ckpt is None:

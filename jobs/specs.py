@@ -80,17 +80,21 @@ def _load(source: str) -> torch.nn.Module:
     return generator_from_state(state, from_flat(state["config"]).model)
 
 
+def run_id_of(spec: str, client: MlflowClient) -> str:
+    """The run behind ``runs:/<id>[/…]``, ``models:/<name>/<version>`` or ``models:/<name>@<alias>``."""
+    if spec.startswith("runs:/"):
+        return spec[len("runs:/"):].split("/")[0]
+    name, _, ver = spec[len("models:/"):].partition("/")
+    name, _, alias = name.partition("@")
+    return (client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, ver)).run_id
+
+
 def source_id(spec: str) -> tuple[str, str]:
     """The provenance payload for faces made from SPEC (evaluation/watermark.py), and what it names:
     a run's id (``runs:/``, or a registered model's run) or a checkpoint file's sha256."""
     try:
-        if spec.startswith("runs:/"):
-            run_id = spec[len("runs:/"):].split("/")[0]
-        elif spec.startswith("models:/"):
-            client = MlflowClient(resolve_tracking_uri())
-            name, _, ver = spec[len("models:/"):].partition("/")
-            name, _, alias = name.partition("@")
-            run_id = (client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, ver)).run_id
+        if spec.startswith(("runs:/", "models:/")):
+            run_id = run_id_of(spec, MlflowClient(resolve_tracking_uri()))
         else:
             path = Path(spec)
             if path.is_dir():  # a checkpoint folder, or a run folder of them (the latest)
