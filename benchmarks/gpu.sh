@@ -6,7 +6,8 @@
 #   mkdir -p data/celeba-sample && cp ../shared/data/celeba-sample/{img_align_celeba.zip,list_eval_partition.txt} data/celeba-sample/
 #   then, on the GPU box (the device tool: carry data/celeba-sample):
 #   bash benchmarks/gpu.sh            # then: git add benchmarks/results/
-# QUALITY=1 also runs the GPU quality protocol (issue 16: ~2 x 3 runs, longer).
+# QUALITY=1 also runs the GPU quality protocol (~2 x 3 runs, longer); SPEEDRUN=1 the 30-minute
+# 128 px speedrun (SPEEDRUN=1 bash benchmarks/gpu.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${RESULTS:-benchmarks/results}
@@ -40,4 +41,10 @@ if [ "${QUALITY:-0}" = 1 ]; then
   run 3000 "${results}/quality-${name}.jsonl" python -m benchmarks.quality --size 128 --width 1 \
       --device cuda --data data/celeba128 --variants seed,ttur,faces128 --seeds 2 \
       --out "${results}/quality-${name}"
+fi
+# SPEEDRUN=1: the 128 px preset on the sample protocol for 30 minutes of training; prints its FID.
+if [ "${SPEEDRUN:-0}" = 1 ]; then
+  run 2400 "${results}/speedrun128-${name}.jsonl" python -m benchmarks.quality --size 128 --width 1 \
+      --device cuda --data data/celeba128 --variants faces128 --minutes 30 --n 2000 \
+      --out "${results}/speedrun128-${name}"
 fi

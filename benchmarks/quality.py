@@ -13,7 +13,10 @@ at ``--size`` into ``data/celeba{size}``), the seed's architecture at ``--width`
 variant keeps one) is scored through the project's own evaluation (evaluation/fid.py): FID and KID
 of ``--n`` (512) samples against the held-out ``val`` faces with the standard FID Inception.
 Variants run one after another in this process with fixed seeds; ``--seeds 2`` shows the
-run-to-run spread. Prints one JSON line per run, then a table (mean ± half-range over seeds),
+run-to-run spread. ``--minutes 20`` is the speedrun protocol instead (docs/recipes.md): each
+run trains for 20 minutes of wall time, evaluation excluded (train.max_minutes), at whatever
+batch, width and architecture the variant sets, and reports the steps and img/s it reached.
+Prints one JSON line per run, then a table (mean ± half-range over seeds),
 and writes a strip of 16 samples per variant to ``--out`` (PNG).
 
 A variant is a name from VARIANTS, a preset (``configs/faces64.toml``, or ``faces64`` for
@@ -144,7 +147,8 @@ def protocol_config(data: Path, a, overrides: dict, seed: int, storage: str) -> 
     cfg = Config()
     apply(cfg, {"model.size": a.size, "model.width": a.width, "model.bn_momentum": 0.1,
                 "data.source": "shards", "data.path": str(data / "train"), "data.verify_checksums": False,
-                "train.batch_size": 64, "train.epochs": a.epochs, "train.max_steps": a.max_steps,
+                "train.batch_size": 64, "train.epochs": a.epochs if not a.minutes else 10**6,
+                "train.max_steps": a.max_steps, "train.max_minutes": a.minutes,
                 "train.seed": seed, "train.log_every": 50, "train.checkpoint_every": 10**9,
                 "eval.every_steps": 0, "scale.num_workers": 1, "run.storage_path": storage,
                 "perf.prefetch": 2})
@@ -212,9 +216,13 @@ def run_one(name: str, overrides: dict, seed: int, data: Path, a, extractor, out
         G = res.generator.eval()
         z = sample_z(16, cfg.model.z_dim, torch.Generator().manual_seed(0)).to(a.device)
         grid(to_uint8(G(z)), nrow=16).save(out / f"{name}-seed{seed}.png")
-    row = {"variant": name, "seed": seed, **scores, **privacy, "steps": res.step, "train_s": round(train_s, 1),
-            "eval_s": round(eval_s, 1), "img_per_s": round(res.step * cfg.train.batch_size / train_s, 1),
-            "n": a.n, "size": a.size, "width": a.width, "epochs": a.epochs, "device": a.device,
+    # Under --minutes the loop's own clock (training only); otherwise the whole call (setup included)
+    loop_s = res.metrics.get("train_minutes", train_s / 60) * 60
+    row = {"variant": name, "seed": seed, **scores, **privacy, "steps": res.step, "train_s": round(loop_s, 1),
+            "wall_s": round(train_s, 1), "eval_s": round(eval_s, 1),
+            "img_per_s": round(res.step * cfg.train.batch_size / loop_s, 1),
+            "n": a.n, "size": a.size, "width": a.width, "epochs": a.epochs if not a.minutes else None,
+            "minutes": a.minutes or None, "device": a.device, "threads": torch.get_num_threads(),
             "data": data.name, "train_faces": ShardSet(data / "train").count,
             "overrides": overrides}
     return [row] + ([{**row, "variant": f"{name}+filter", **filtered}] if filtered else [])
@@ -236,7 +244,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         by.setdefault(r["variant"], []).append(r)
     lines = [("| variant | ε | FID (mean ± half-range) | KID ×1e3 | identity AUC | match rate | held-out match rate "
-              "| runs | train min/run |"), "|---|---|---|---|---|---|---|---|---|"]
+              "| runs | train min/run | steps | img/s |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def mean(rs, key, fmt, scale=1.0):
         vals = [r[key] * scale for r in rs if r.get(key) is not None]
@@ -248,7 +256,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {name} | {mean(rs, 'epsilon', '.3g')} | {statistics.mean(f):.1f} ± {spread:.1f} | "
                      f"{mean(rs, 'kid', '.1f', 1e3)} | {mean(rs, 'identity_auc', '.2f')}{_each(rs, 'identity_auc')} | "
                      f"{mean(rs, 'identity_match_rate', '.1%')} | {mean(rs, 'heldout_match_rate', '.1%')} | {len(rs)} | "
-                     f"{statistics.mean(r['train_s'] for r in rs) / 60:.1f} |")
+                     f"{statistics.mean(r['train_s'] for r in rs) / 60:.1f} | {mean(rs, 'steps', '.0f')} | "
+                     f"{mean(rs, 'img_per_s', '.0f')} |")
     return "\n".join(lines)
 
 
@@ -259,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed+seeds-1 (to split runs over processes)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--max-steps", type=int, default=0, help="stop each run at this step (0: the epochs)")
+    p.add_argument("--minutes", type=float, default=0.0,
+                   help="the speedrun protocol: each run trains for this many minutes of wall time (evaluation "
+                        "excluded), whatever its batch, width or architecture; --epochs is then ignored")
     p.add_argument("--n", type=int, default=512, help="samples for FID/KID")
     p.add_argument("--size", type=int, choices=(64, 128), default=64)
     p.add_argument("--width", type=float, default=0.125)

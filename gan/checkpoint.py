@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from gan.models import Generator
+from gan.models import generator
 
 FORMAT_VERSION = 1
 
@@ -153,6 +153,6 @@ def load_state(path: str | Path) -> dict[str, Any]:
 def generator_from_state(state: dict[str, Any], model_cfg, use_ema: bool = True) -> torch.nn.Module:
     """The (EMA, when present) generator of a checkpoint, in eval mode on the CPU."""
 
-    G = Generator(model_cfg)
+    G = generator(model_cfg)
     G.load_state_dict(state["ema"] if use_ema and state.get("ema") is not None else state["G"])
     return G.eval()

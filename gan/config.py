@@ -36,7 +36,10 @@ class ModelConfig:
     init_std: float = 0.02
     # Recipe options (the seed's choice first; benchmarks/quality.py measures the others):
     d_norm: str = "batch"  # D's normalisation: "batch" (seed), "spectral" (spectral norm, no BN), "none"
-    g_upsample: str = "deconv"  # G's upsampling: "deconv" (seed: 5x5 stride-2 transposed conv), "resize" (nearest x2, then 5x5 conv)
+    # "dcgan" (the seed's), "resnet" (SNGAN-style residual G and D, gan/resnet.py), "stylegan2"
+    # (mapping network and modulated convolutions, gan/stylegan.py, with the residual D)
+    arch: str = "dcgan"
+    g_upsample: str = "deconv"  # the DCGAN G's upsampling: "deconv" (seed: 5x5 stride-2 transposed conv), "resize" (nearest x2, then 5x5 conv)
 
 
 @dataclass
@@ -65,9 +68,16 @@ class LossConfig:
     real_label_lo: float = 0.9
     real_label_hi: float = 1.0
     noise_sigma_max: float = 0.1
+    # Which of D's inputs get the instance noise: "real" (the seed's) or "both" (real and fake,
+    # as Sønderby et al. 2016 define it: D cannot tell them apart by the noise alone)
+    noise_on: str = "real"
     diffaug: str = ""  # differentiable augmentation of every D input: e.g. "color,translation,cutout"
     ada_target: float = 0.0  # > 0: augmentation probability adapts to keep E[sign(D(real))] near it
     ada_images: int = 100_000  # images for the adaptive probability to go from 0 to 1
+    # R1 penalty on real faces, (gamma / 2) E||grad_x D(x)||^2 (Mescheder et al. 2018); 0: off.
+    # Lazy: every r1_every D steps, weighted by r1_every (StyleGAN2).
+    r1_gamma: float = 0.0
+    r1_every: int = 16
 
 
 @dataclass
@@ -83,6 +93,8 @@ class TrainConfig:
     batch_size: int = 64  # global: split evenly over the workers
     epochs: int = 60
     max_steps: int = 0  # > 0: stop at this step even if epochs remain
+    # > 0: stop at the first log window after this many minutes of training (evaluation excluded)
+    max_minutes: float = 0.0
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -330,13 +342,18 @@ def validate(cfg: Config) -> Config:
         (0.0 <= lo.real_label_lo <= lo.real_label_hi <= 1.0, "loss.real_label_lo/hi",
          f"need 0 <= lo <= hi <= 1, got lo={lo.real_label_lo}, hi={lo.real_label_hi}"),
         (lo.noise_sigma_max >= 0, "loss.noise_sigma_max", "must be >= 0"),
+        (lo.noise_on in ("real", "both"), "loss.noise_on", f"must be real or both, got {lo.noise_on!r}"),
         (lo.kind in ("seed", "nonsaturating", "hinge"), "loss.kind",
          f"must be seed, nonsaturating or hinge, got {lo.kind!r}"),
         (0.0 <= lo.ada_target < 1.0, "loss.ada_target", f"must be in [0, 1), got {lo.ada_target}"),
         (lo.ada_target == 0 or bool(lo.diffaug), "loss.ada_target", "adapts loss.diffaug's ops: set loss.diffaug"),
         (lo.ada_images > 0, "loss.ada_images", "must be > 0"),
+        (lo.r1_gamma >= 0 and math.isfinite(lo.r1_gamma), "loss.r1_gamma", f"must be >= 0 (0: off), got {lo.r1_gamma}"),
+        (lo.r1_every >= 1, "loss.r1_every", f"must be >= 1, got {lo.r1_every}"),
         (m.d_norm in ("batch", "spectral", "none"), "model.d_norm",
          f"must be batch, spectral or none, got {m.d_norm!r}"),
+        (m.arch in ("dcgan", "resnet", "stylegan2"), "model.arch",
+         f"must be dcgan, resnet or stylegan2, got {m.arch!r}"),
         (m.g_upsample in ("deconv", "resize"), "model.g_upsample", f"must be deconv or resize, got {m.g_upsample!r}"),
         (op.lr_d > 0 and math.isfinite(op.lr_d), "optim.lr_d", f"must be > 0, got {op.lr_d}"),
         (op.lr_g > 0 and math.isfinite(op.lr_g), "optim.lr_g", f"must be > 0, got {op.lr_g}"),
@@ -347,6 +364,9 @@ def validate(cfg: Config) -> Config:
          f"{t.batch_size} is not divisible by scale.num_workers={sc.num_workers}"),
         (t.epochs >= 1, "train.epochs", f"must be >= 1 (train.max_steps caps the steps), got {t.epochs}"),
         (t.max_steps >= 0, "train.max_steps", "must be >= 0"),
+        (t.max_minutes >= 0 and math.isfinite(t.max_minutes), "train.max_minutes", "must be >= 0 (0: no time limit)"),
+        (t.max_minutes == 0 or not t.deterministic, "train.max_minutes",
+         "a wall-clock budget stops at a step no run can replay; with train.deterministic=true use train.max_steps"),
         (t.log_every >= 1, "train.log_every", "must be >= 1"),
         (t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1"),
         (0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}"),
@@ -367,7 +387,8 @@ def validate(cfg: Config) -> Config:
         checks += [(sc.use_gpu, "perf.cuda_graphs", "on needs scale.use_gpu=true (CUDA); use auto or off"),
                    (sc.num_workers == 1, "perf.cuda_graphs", "on is not supported with DDP (scale.num_workers > 1) "
                                                            "yet; use auto or off"),
-                   (not lo.diffaug, "perf.cuda_graphs", "on is not supported with loss.diffaug; use auto or off")]
+                   (not lo.diffaug, "perf.cuda_graphs", "on is not supported with loss.diffaug; use auto or off"),
+                   (lo.r1_gamma == 0, "perf.cuda_graphs", "on is not supported with loss.r1_gamma; use auto or off")]
     e = cfg.eval
     checks += [
         (e.every_steps >= 0, "eval.every_steps", "must be >= 0 (0: off)"),
@@ -399,6 +420,9 @@ def validate(cfg: Config) -> Config:
             (t.batch_size // sc.num_workers >= 16, "privacy.dp_epsilon",
              f"Poisson batches need a mean of >= 16 faces per worker (train.batch_size / scale.num_workers = "
              f"{t.batch_size // max(sc.num_workers, 1)}), or a step may draw no face at all"),
+            (m.arch == "dcgan", "privacy.dp_epsilon", f"DP training supports model.arch=dcgan only, got {m.arch!r}"),
+            (lo.r1_gamma == 0, "privacy.dp_epsilon",
+             "the R1 penalty (loss.r1_gamma) differentiates D twice, which Opacus's per-face gradients cannot; set it to 0"),
             (lo.ada_target == 0, "privacy.dp_epsilon",
              "loss.ada_target adapts to D's outputs on real faces, outside the privacy accounting; set it to 0"),
         ]

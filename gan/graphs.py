@@ -35,7 +35,8 @@ def resolve(setting: str, device: torch.device, world_size: int, augmenting: boo
     """Whether the step is graphed; ``on`` where it cannot be is a one-line error."""
     why = ("needs a CUDA device, this rank runs on " + device.type if device.type != "cuda"
            else "is not supported with DDP (scale.num_workers > 1) yet" if world_size > 1
-           else "is not supported with loss.diffaug (its state is updated on the host)" if augmenting else "")
+           else "is not supported with loss.diffaug or loss.r1_gamma (steps that differ from one another)" if augmenting
+           else "")
     if setting == "on" and why:
         raise ValueError(f"perf.cuda_graphs=on {why}; set perf.cuda_graphs=auto or off")
     return setting in ("on", "auto") and not why
@@ -156,9 +157,10 @@ class GraphedStep:
         self.graph.replay()
         return self.out
 
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, images: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        """``step``: for the eager step's R1 schedule (graphs are off whenever R1 is on)."""
         if self.error:
-            return self.step(images)
+            return self.step(images, step=step)
         if self.graph is None:
             seed = self.gen.initial_seed()  # the seed the loop set for this step
             try:
@@ -168,9 +170,9 @@ class GraphedStep:
                     self.error = f"the capture failed ({type(e).__name__}: {_first_line(e)})"
                 print(f"facegan: perf.cuda_graphs: {self.error}; the step runs eagerly", flush=True)
                 self.gen.manual_seed(seed)
-                return self.step(images)
+                return self.step(images, step=step)
         if images.shape != self.static_in.shape or images.dtype != self.static_in.dtype:
-            return self.step(images)  # another shape (a short last batch): eager, same tensors
+            return self.step(images, step=step)  # another shape (a short last batch): eager, same tensors
         return self._replay(images)
 
 

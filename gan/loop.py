@@ -52,10 +52,12 @@ def total_steps(reader, cfg: Config) -> int:
 
 
 class _Meter:
-    """Sums detached stats on the device; one host sync per report, not per step."""
+    """Sums detached stats on the device; one host sync per report, not per step. A stat that
+    only some steps give (the lazy R1 penalty) is averaged over the steps that gave it."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
         self.n = 0
         self.t0 = time.perf_counter()
 
@@ -67,11 +69,12 @@ class _Meter:
                 self.sums[k].add_(v)  # in place: no allocation per stat per step
             else:
                 self.sums[k] = v.detach().float().clone()
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.n += 1
 
     def flush(self, ctx: Context, global_batch: int) -> dict[str, float]:
         keys = sorted(self.sums)
-        means = ctx.mean(torch.stack([self.sums[k] for k in keys]) / max(self.n, 1)).tolist()
+        means = ctx.mean(torch.stack([self.sums[k] / self.counts[k] for k in keys])).tolist()
         out = dict(zip(keys, means))
         out["img_per_s"] = self.n * global_batch / max(time.perf_counter() - self.t0, 1e-9)
         self.__init__()
@@ -106,6 +109,7 @@ def _train(cfg: Config, ctx: Context, data: Batches, scorer: Scorer | None, prob
     meter, metrics, scores = _Meter(), {}, {}
     s.next_batch(data.steps_in_epoch)
     stream = data.stream(s.epoch, s.batch, t.epochs) if s.step < total and not ctx.should_stop() else ()
+    tick = time.perf_counter()
     for at_epoch, at_batch, host in stream:
         if (at_epoch, at_batch) != (s.epoch, s.batch):
             raise RuntimeError(f"batch source gave ({at_epoch}, {at_batch}), the loop is at ({s.epoch}, {s.batch})")
@@ -113,8 +117,11 @@ def _train(cfg: Config, ctx: Context, data: Batches, scorer: Scorer | None, prob
             real = _on_rank0(ctx, "real", lambda: png_bytes(grid(host[:FIXED_SAMPLES].numpy())))
             ctx.report(Report(0, artifacts=real))
         gen.manual_seed(step_seed(t.seed, ctx.rank, s.step))
-        meter.add(run_step(host.to(ctx.device, non_blocking=True)))
+        meter.add(run_step(host.to(ctx.device, non_blocking=True), step=s.step))
         _advance(s, ctx)
+        tick = _clock(s, tick)
+        if t.max_minutes > 0 and s.step % t.log_every == 0 and _out_of_time(ctx, s):
+            total = s.step  # the budget is spent: this step is the last (checkpoint, evaluation, grid)
         log_now, ckpt_now = s.step % t.log_every == 0, s.step % t.checkpoint_every == 0 or s.step == total
         eval_now = scorer is not None and (s.step % cfg.eval.every_steps == 0 or s.step == total)
         if log_now or ckpt_now or eval_now:
@@ -122,6 +129,7 @@ def _train(cfg: Config, ctx: Context, data: Batches, scorer: Scorer | None, prob
                 return diverged(ctx, s, bad, saved)
             s.settle(ctx.mean)
         new = scorer(s.sampler) if eval_now else {}  # before the checkpoint, so that it carries the best so far
+        tick = time.perf_counter() if eval_now else tick  # evaluation is not training time (train.max_minutes)
         publish = s.sampler if new and s.record(new) and ctx.rank == 0 else None
         guard = {"facegan.privacy_guard": s.over_cap["why"]} if new and s.over_cap and s.over_cap["step"] == s.step else {}
         scores = new or scores
@@ -129,6 +137,8 @@ def _train(cfg: Config, ctx: Context, data: Batches, scorer: Scorer | None, prob
         # on a score (PBT) finds the matching checkpoint with it.
         if log_now or ckpt_now:
             metrics = {**meter.flush(ctx, t.batch_size), "epoch": float(s.epoch)}
+            if t.max_minutes > 0:  # a measurement, not replayable: only when a budget asks for it
+                metrics["train_minutes"] = s.train_seconds / 60
             if s.privacy is not None:
                 metrics["dp_epsilon"] = s.privacy.epsilon()
             signs, tags = probe(s.sampler, s.D, fixed_z, metrics, s.step) if probe is not None else ({}, {})
@@ -177,6 +187,18 @@ def _advance(s: TrainState, ctx: Context) -> None:
     s.step, s.batch = s.step + 1, s.batch + 1
     if s.aug is not None and s.step % s.aug.INTERVAL == 0:
         s.aug.adjust(ctx.mean, t.batch_size)
+
+
+def _clock(s: TrainState, tick: float) -> float:
+    now = time.perf_counter()
+    s.train_seconds += now - tick
+    return now
+
+
+def _out_of_time(ctx: Context, s: TrainState) -> bool:
+    """All ranks agree (one collective, every log window): rank 0's clock decides."""
+    spent = torch.tensor([s.train_seconds if ctx.rank == 0 else 0.0], device=ctx.device) * ctx.world_size
+    return ctx.mean(spent).item() >= 60 * s.cfg.train.max_minutes
 
 
 def _on_rank0(ctx: Context, name: str, png) -> dict[str, bytes]:

@@ -42,3 +42,11 @@ def g_hinge(fake_logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Te
     """Hinge G loss: −E[D(G(z))]."""
     loss = -fake_logits.mean()
     return loss, {"g_loss": loss.detach()}
+
+
+def r1(real_logits: torch.Tensor, real_in: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """R1 (Mescheder et al. 2018): E‖∇ₓD(x)‖² on real faces, with the graph kept so that the
+    penalty's gradient reaches D's weights. ``real_in`` is the leaf D saw (requires_grad)."""
+    (grad,) = torch.autograd.grad(real_logits.sum(), real_in, create_graph=True)
+    penalty = grad.square().sum(dim=(1, 2, 3)).mean()
+    return penalty, {"r1_penalty": penalty.detach()}

@@ -1,4 +1,5 @@
-"""The seed DCGAN ("Face Generator"), as plain modules: no device, DDP or data logic.
+"""The seed DCGAN ("Face Generator"), as plain modules: no device, DDP or data logic; and
+:func:`build`, which picks the architecture ``model.arch`` names (gan/resnet.py, gan/stylegan.py).
 
 128 px: G = dense z -> 8x8x1024, four 5x5 stride-2 transposed convs (512/256/128/64), a 5x5
 stride-1 transposed conv to RGB, tanh. D = 5x5 convs 64(s2) 128(s2) 256(s2) 512(s1) 1024(s2),
@@ -11,6 +12,8 @@ import torch
 from torch import nn
 
 from gan.config import ModelConfig
+from gan.resnet import ResNetDiscriminator, ResNetGenerator
+from gan.stylegan import StyleGenerator
 
 _G_CHANNELS = {128: (1024, 512, 256, 128, 64), 64: (1024, 512, 256, 128)}
 _D_LAYERS = {
@@ -85,8 +88,20 @@ def init_weights(module: nn.Module, std: float) -> None:
             nn.init.zeros_(m.bias)
 
 
-def build(cfg: ModelConfig) -> tuple[Generator, Discriminator]:
-    return Generator(cfg), Discriminator(cfg)
+def generator(cfg: ModelConfig) -> nn.Module:
+    """``model.arch``'s generator: z (n, z_dim) in, images (n, 3, size, size) out; it has
+    ``z_dim`` and ``size`` attributes."""
+    return {"dcgan": Generator, "resnet": ResNetGenerator, "stylegan2": StyleGenerator}[cfg.arch](cfg)
+
+
+def discriminator(cfg: ModelConfig) -> nn.Module:
+    """``model.arch``'s discriminator: images in, one logit per image out (StyleGAN2's is the
+    residual one)."""
+    return Discriminator(cfg) if cfg.arch == "dcgan" else ResNetDiscriminator(cfg)
+
+
+def build(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    return generator(cfg), discriminator(cfg)
 
 
 def sample_z(n: int, z_dim: int, generator: torch.Generator | None = None,

@@ -34,7 +34,7 @@ class TrainState:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         G, D = build(cfg.model)
         self.G, self.D = G.to(device), D.to(device)
-        self.perf = determinism.restrict(perf.resolve(cfg.perf, device, world_size, bool(lc.diffaug)),
+        self.perf = determinism.restrict(perf.resolve(cfg.perf, device, world_size, bool(lc.diffaug) or lc.r1_gamma > 0),
                                          t.deterministic)
         if cfg.privacy.dp_epsilon > 0:
             self.perf |= DP_EAGER
@@ -45,6 +45,7 @@ class TrainState:
         self.aug = AugmentState(parse(lc.diffaug), lc.ada_target, lc.ada_images, device) if lc.diffaug else None
         self.ema = copy.deepcopy(self.G).requires_grad_(False) if t.ema_decay > 0 else None
         self.step, self.epoch, self.batch = 0, 0, 0
+        self.train_seconds = 0.0  # training wall time so far, evaluation excluded (train.max_minutes)
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"} of the best evaluated generator
         # The last evaluation the privacy cap kept from being the best: {"step", "why"} (eval.max_identity_auc)
         self.over_cap: dict[str, Any] | None = None
@@ -97,6 +98,8 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT_VERSION, "step": self.step, "data": {"epoch": self.epoch, "batch": self.batch},
+            # (only under a time budget: a timing would make replayable runs' checkpoints differ)
+            **({"train_seconds": self.train_seconds} if self.cfg.train.max_minutes > 0 else {}),
             "G": self.G.state_dict(), "D": self.D.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None, "best": self.best,
@@ -128,3 +131,4 @@ class TrainState:
         torch.set_rng_state(state["rng"]["torch_cpu"])
         self.step, self.epoch, self.batch = state["step"], state["data"]["epoch"], state["data"]["batch"]
         self.best, self.over_cap = state.get("best"), state.get("over_cap")
+        self.train_seconds = float(state.get("train_seconds", 0.0))

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
 from gan.augment import AugmentState, augment
 from gan.config import LossConfig
-from gan.losses import d_hinge, d_loss, g_hinge, g_loss
+from gan.losses import d_hinge, d_loss, g_hinge, g_loss, r1
 from gan.models import sample_z
 
 
@@ -68,17 +68,24 @@ def grad_norm(params) -> torch.Tensor:
 
 
 def d_step(x: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor, nets: Nets,
-           gen: torch.Generator | None = None) -> dict:
-    """Updates D only: ``fake`` is detached, so no gradient reaches G."""
+           gen: torch.Generator | None = None, r1_weight: float = 0.0) -> dict:
+    """Updates D only: ``fake`` is detached, so no gradient reaches G. ``r1_weight`` > 0 adds
+    that times R1 on the real pass (gan/losses.py)."""
     # Real and fake go through D in two passes, as in the seed (BN statistics per pass); the
     # DDP wrapper has broadcast_buffers=False, so the second pass does not trip autograd.
     nets.opt_d.zero_grad(set_to_none=True)
+    real_in = nets.d_in(x, gen)
+    if r1_weight > 0:  # R1 differentiates D at the very input it saw (augmented, as in StyleGAN2-ADA)
+        real_in = real_in.detach().requires_grad_(True)
     with nets.autocast():
-        real_logits, fake_logits = nets.D(nets.d_in(x, gen)), nets.D(nets.d_in(fake.detach(), gen))
+        real_logits, fake_logits = nets.D(real_in), nets.D(nets.d_in(fake.detach(), gen))
     if nets.loss_kind == "hinge":
         loss, stats = d_hinge(real_logits.float(), fake_logits.float())
     else:
         loss, stats = d_loss(real_logits.float(), fake_logits.float(), labels)
+    if r1_weight > 0:
+        penalty, r1_stats = r1(real_logits.float(), real_in)
+        loss, stats = loss + r1_weight * penalty, {**stats, **r1_stats}
     if nets.aug is not None:
         nets.aug.observe(real_logits)
         stats["aug_p"] = nets.aug.p.detach().clone()
@@ -86,6 +93,13 @@ def d_step(x: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor, nets: Nets
     stats["d_grad_norm"] = grad_norm(nets.D.parameters())
     nets.opt_d.step()
     return stats
+
+
+def noised(fake: torch.Tensor, cfg: LossConfig, stats: dict, gen: torch.Generator) -> torch.Tensor:
+    """``fake`` with the step's instance noise when ``loss.noise_on = "both"``."""
+    if cfg.kind != "seed" or cfg.noise_on != "both":
+        return fake
+    return fake + stats["noise_sigma"] * torch.randn(fake.shape, generator=gen, device=fake.device)
 
 
 def g_step(fake: torch.Tensor, nets: Nets, gen: torch.Generator | None = None) -> dict:
@@ -103,15 +117,17 @@ def g_step(fake: torch.Tensor, nets: Nets, gen: torch.Generator | None = None) -
 
 
 def train_step(images_u8: torch.Tensor, nets: Nets, cfg: LossConfig,
-               gen: torch.Generator) -> dict[str, torch.Tensor]:
+               gen: torch.Generator, step: int = 0) -> dict[str, torch.Tensor]:
     """D update then G update on one batch of uint8 NHWC images. Returns detached stats; all
-    randomness comes from ``gen``, so a step can be replayed exactly."""
+    randomness comes from ``gen``, so a step can be replayed exactly. ``step``: the global
+    step, for the lazy R1 schedule (every ``cfg.r1_every`` steps, weighted by it)."""
     x, aug_stats = augment_real(to_unit_range(images_u8), cfg, gen)
     labels = real_labels(x.shape[0], cfg, gen, x.device)
     with nets.autocast():
         fake = nets.G(sample_z(x.shape[0], nets.z_dim, gen, x.device))
-    stats = d_step(x, fake, labels, nets, gen)
-    stats.update(g_step(fake, nets, gen))
+    lazy_r1 = cfg.r1_gamma / 2 * cfg.r1_every if cfg.r1_gamma > 0 and step % cfg.r1_every == 0 else 0.0
+    stats = d_step(x, noised(fake, cfg, aug_stats, gen), labels, nets, gen, lazy_r1)
+    stats.update(g_step(noised(fake, cfg, aug_stats, gen), nets, gen))
     return {**stats, **aug_stats, "label_min": labels.min().detach(), "label_max": labels.max().detach()}
 
 

@@ -21,7 +21,7 @@ import torch
 from evaluation.watermark import Watermark
 from gan.config import ModelConfig
 from gan.images import to_uint8
-from gan.models import Generator
+from gan.models import generator
 
 NAME = "faces"
 WEIGHTS, META = "generator.pt", "marked.json"
@@ -36,7 +36,7 @@ def save_data(folder: Path, G: torch.nn.Module, model_cfg: ModelConfig, source_i
 class MarkedFaces:
     def __init__(self, folder: str):
         meta = json.loads((Path(folder) / META).read_text())
-        self.G = Generator(ModelConfig(**meta["model"]))
+        self.G = generator(ModelConfig(**meta["model"]))
         self.G.load_state_dict(torch.load(Path(folder) / WEIGHTS, map_location="cpu", weights_only=True))
         self.G.eval()
         self.source_id, self.mark = meta["source_id"], Watermark()

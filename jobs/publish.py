@@ -34,7 +34,7 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from evaluation.watermark import source_id_of
 from gan.config import ModelConfig
-from gan.models import Generator
+from gan.models import generator
 from jobs import marked_model
 
 MODEL_PATH = "generator"
@@ -88,7 +88,7 @@ def log_generator(tracking_uri: str, run_id: str, G, model_cfg: ModelConfig, reg
     """
 
     # A fresh module with the trained weights: no compiled forward, device or layout in it.
-    clean = Generator(model_cfg)
+    clean = generator(model_cfg)
     clean.load_state_dict({k: v.detach().to("cpu").contiguous() for k, v in G.state_dict().items()})
     G, z_dim = clean.eval(), model_cfg.z_dim
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, z_dim))]),
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # beside training: one core's worth, and only for seconds
     req = torch.load(path, weights_only=True)
     cfg = ModelConfig(**req["model"])
-    G = Generator(cfg)
+    G = generator(cfg)
     G.load_state_dict(req["state"])
     try:
         log_generator(req["tracking_uri"], req["run_id"], G, cfg, req["register_as"], req["description"])

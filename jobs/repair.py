@@ -42,7 +42,7 @@ from gan.config import from_flat
 from gan.context import CHECKPOINT_FILE
 from gan.images import grid
 from gan.inpaint import MASKS, SearchConfig, fill, latent_search, named_mask
-from gan.models import Discriminator
+from gan.models import discriminator
 from jobs.cli import Parser, positive_int, write_json
 from jobs.specs import SpecError, run_id_of, source_id
 from jobs.tracking import RUN_DIR_TAG, resolve_tracking_uri
@@ -66,7 +66,7 @@ def _checkpoint(path: Path, spec: str) -> Pair:
     if state.get("D") is None or "config" not in state:
         raise SpecError(f"{spec}: a generator without its discriminator; {NO_D}")
     cfg = from_flat(state["config"])
-    D = Discriminator(cfg.model)
+    D = discriminator(cfg.model)
     D.load_state_dict({k.removeprefix("_module."): v for k, v in state["D"].items()})
     return Pair(generator_from_state(state, cfg.model), D.eval(), cfg.model.size, str(path))
 

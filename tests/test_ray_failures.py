@@ -37,7 +37,8 @@ def test_diverged_run_fails_by_step_and_keeps_its_last_good_checkpoint(faces64, 
     assert max(_steps(client, run.info.run_id)) == 10  # the NaN window was never logged as losses
     # Only the first attempt's generator (step 10) is published; nothing NaN.
     logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
-    assert len(logged) == 1 and run.data.tags["facegan.generator_step"] == "10"
+    assert sorted(m.name for m in logged) == ["faces", "generator"]  # one publish: the generator, the marked faces
+    assert run.data.tags["facegan.generator_step"] == "10"
 
 
 def test_damaged_latest_checkpoint_resumes_from_the_one_before(faces64, tmp_path, mlflow_store, root_cwd, capsys):
