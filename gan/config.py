@@ -350,6 +350,9 @@ def validate(cfg: Config) -> Config:
         (lo.ada_images > 0, "loss.ada_images", "must be > 0"),
         (lo.r1_gamma >= 0 and math.isfinite(lo.r1_gamma), "loss.r1_gamma", f"must be >= 0 (0: off), got {lo.r1_gamma}"),
         (lo.r1_every >= 1, "loss.r1_every", f"must be >= 1, got {lo.r1_every}"),
+        (lo.r1_gamma == 0 or sc.num_workers == 1, "loss.r1_gamma",
+         "R1 is measured on one worker only so far (its second derivative through DDP is not yet tested); "
+         "set scale.num_workers=1"),
         (m.d_norm in ("batch", "spectral", "none"), "model.d_norm",
          f"must be batch, spectral or none, got {m.d_norm!r}"),
         (m.arch in ("dcgan", "resnet", "stylegan2"), "model.arch",

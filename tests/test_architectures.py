@@ -134,10 +134,12 @@ def test_switches_are_validated(tmp_path):
                        ("--loss.r1_every=0", "loss.r1_every"), ("--train.max_minutes=-2", "train.max_minutes")):
         with pytest.raises(ConfigError, match=field):
             validate(load(None, [bad]))
+    with pytest.raises(ConfigError, match="loss.r1_gamma.*num_workers=1"):
+        validate(load(None, ["--loss.r1_gamma=1", "--scale.num_workers=2"]))
     with pytest.raises(ConfigError, match="train.max_minutes.*replay"):
         validate(load(None, ["--train.max_minutes=5", "--train.deterministic=true"]))
-    with pytest.raises(ConfigError, match="R1"):
-        validate(load(None, ["--privacy.dp_epsilon=10", "--model.d_norm=none", "--loss.r1_gamma=1"]))
+    with pytest.raises(ConfigError, match="Opacus.*R1|R1.*Opacus|second derivative.*per-face|differentiates D twice"):
+        validate(load(None, ["--privacy.dp_epsilon=10", "--model.d_norm=none", "--loss.r1_gamma=1", "--scale.num_workers=1"]))
     with pytest.raises(ConfigError, match="model.arch=dcgan only"):
         validate(load(None, ["--privacy.dp_epsilon=10", "--model.d_norm=none", "--model.arch=resnet"]))
 
