@@ -27,6 +27,20 @@ def write_indexed(out: Path, count: int, size: int = 64, row_group_size: int = 6
     return out
 
 
+# Modules that start a Ray cluster (ray_local, `ray start`, jobs.train/tune in-process): under
+# pytest-xdist they share one worker, one module at a time, so no two clusters contend for the
+# dashboard agent's fixed port or for the CPUs a cluster reserves; every other test runs beside
+# them on the other workers.
+RAY_MODULES = {"test_identity", "test_job_submit", "test_ray_failures", "test_ray_runs",
+               "test_ray_train", "test_tracking_outage", "test_tune", "test_two_node"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in RAY_MODULES:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 def _free_port() -> int:
     import socket
 
