@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +29,16 @@ def write_indexed(out: Path, count: int, size: int = 64, row_group_size: int = 6
     return out
 
 
-# Modules that start a Ray cluster (ray_local, `ray start`, jobs.train/tune in-process): under
-# pytest-xdist they share one worker, one module at a time, so no two clusters contend for the
-# dashboard agent's fixed port or for the CPUs a cluster reserves; every other test runs beside
-# them on the other workers.
-RAY_MODULES = {"test_identity", "test_job_submit", "test_ray_failures", "test_ray_runs",
-               "test_ray_train", "test_tracking_outage", "test_tune", "test_two_node"}
+# Tests that start a Ray cluster (the ray_local fixture; `ray start` in these modules; Tune,
+# which starts one on first use): under pytest-xdist they share one worker, one at a time, so
+# no two clusters contend for the dashboard's ports or for the CPUs a cluster reserves; every
+# other test runs beside them on the other workers.
+STARTS_RAY = {"test_job_submit", "test_two_node", "test_tune"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.module.__name__.rsplit(".", 1)[-1] in RAY_MODULES:
+        if "ray_local" in item.fixturenames or item.module.__name__.rsplit(".", 1)[-1] in STARTS_RAY:
             item.add_marker(pytest.mark.xdist_group("ray"))
 
 
@@ -161,10 +162,14 @@ def ray_local(tmp_path_factory):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray workers inherit it: MLflow's system metrics every second, so short runs have some.
     os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
-    ray.init(num_cpus=2, include_dashboard=True, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-             log_to_driver=False)
+    # A short temp dir: Ray's socket paths must fit AF_UNIX's 107 bytes, and pytest-xdist's
+    # basetemp (/tmp/pytest-of-<user>/pytest-N/popen-gwK/...) leaves too little room.
+    tmp = tempfile.mkdtemp(prefix="fg-ray-")
+    ray.init(num_cpus=2, include_dashboard=True, _temp_dir=tmp, log_to_driver=False)
     yield ray
     ray.shutdown()
+    stop_ray_by_tmpdir(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture
