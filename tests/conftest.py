@@ -29,19 +29,6 @@ def write_indexed(out: Path, count: int, size: int = 64, row_group_size: int = 6
     return out
 
 
-# Tests that start a Ray cluster (the ray_local fixture; `ray start` in these modules; Tune,
-# which starts one on first use): under pytest-xdist they share one worker, one at a time, so
-# no two clusters contend for the dashboard's ports or for the CPUs a cluster reserves; every
-# other test runs beside them on the other workers.
-STARTS_RAY = {"test_job_submit", "test_two_node", "test_tune"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "ray_local" in item.fixturenames or item.module.__name__.rsplit(".", 1)[-1] in STARTS_RAY:
-            item.add_marker(pytest.mark.xdist_group("ray"))
-
-
 def _free_port() -> int:
     import socket
 
@@ -162,8 +149,8 @@ def ray_local(tmp_path_factory):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray workers inherit it: MLflow's system metrics every second, so short runs have some.
     os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
-    # A short temp dir: Ray's socket paths must fit AF_UNIX's 107 bytes, and pytest-xdist's
-    # basetemp (/tmp/pytest-of-<user>/pytest-N/popen-gwK/...) leaves too little room.
+    # A short temp dir: Ray's socket paths must fit AF_UNIX's 107 bytes, and pytest's basetemp
+    # (/tmp/pytest-of-<user>/pytest-N/..., deeper under pytest-xdist) can leave too little room.
     tmp = tempfile.mkdtemp(prefix="fg-ray-")
     ray.init(num_cpus=2, include_dashboard=True, _temp_dir=tmp, log_to_driver=False)
     yield ray
