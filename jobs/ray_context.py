@@ -22,9 +22,10 @@ ASYNC = CheckpointUploadMode.ASYNC
 
 class RayTrainContext(TorchDistributedContext):
     def __init__(self, tracker: Tracker | None, model_cfg=None, register_as: str = "",
-                 init_checkpoint=None, hp: dict | None = None):
+                 init_checkpoint=None, hp: dict | None = None, publish: str = "each_best"):
         super().__init__(ray.train.torch.get_device())
-        self.model_cfg, self.register_as = model_cfg, register_as
+        self.model_cfg, self.register_as, self.publish = model_cfg, register_as, publish
+        self.best_model: tuple | None = None  # (host weights, step, scores) under publish = "end"
         # Where to start when this Train run has no checkpoint of its own (a Tune trial
         # restarted from a donor's or its own earlier checkpoint): a ray.train.Checkpoint.
         self.init_checkpoint = init_checkpoint
@@ -128,9 +129,26 @@ class RayTrainContext(TorchDistributedContext):
         if r.artifacts:
             self.tracker.log_artifacts(r.artifacts)
             self.tracker.log_images(r.step, r.artifacts)
-        if r.model is not None:
+        if r.model is not None and self.publish == "end":  # a host copy until the last step
+            self.best_model = ({k: v.detach().to("cpu", copy=True) for k, v in r.model.state_dict().items()},
+                               r.step, dict(r.scores))
+        elif r.model is not None:
             self.tracker.log_generator(r.model, self.model_cfg, step=r.step, scores=r.scores,
                                        register_as=self.register_as)
+
+    def publish_best(self, result) -> None:
+        """eval.publish = "end": the best generator kept by :meth:`report` becomes the run's model.
+        A run resumed after its best evaluation no longer holds those weights: it publishes its
+        final generator (the ``facegan.generator_step`` tag says which step that is)."""
+        if self.tracker is not None and self.publish == "end" and result.best is not None:
+            if self.best_model is None:
+                self.tracker.log_generator(result.generator, self.model_cfg, step=result.step,
+                                           register_as=self.register_as)
+            else:
+                state, step, scores = self.best_model
+                self.tracker.log_generator_state(state, self.model_cfg, step=step, scores=scores,
+                                                 register_as=self.register_as)
+        self.best_model = None
 
     def flush(self) -> None:
         """Waits for this rank's checkpoint upload (a failed one is raised by Ray itself, from

@@ -137,6 +137,10 @@ class BackgroundTracker:
     def log_generator(self, G, model_cfg, step=None, scores=None, register_as: str = "") -> None:
         # A copy on the host now: the live weights keep training.
         state = {k: v.detach().to("cpu", copy=True) for k, v in G.state_dict().items()}
+        self.log_generator_state(state, model_cfg, step, scores, register_as)
+
+    def log_generator_state(self, state: dict, model_cfg, step=None, scores=None, register_as: str = "") -> None:
+        """:meth:`log_generator` for weights already copied to the host."""
         scores = {k: float(v) for k, v in (scores or {}).items()}
         self._put("generator", (state, dataclasses.asdict(model_cfg), step, scores, register_as))
 

@@ -59,12 +59,14 @@ def _train_and_publish(cfg: Config, loop_config: dict, tracker) -> None:
         except Exception as e:  # noqa: BLE001 - a sampler that cannot start must not stop training
             print(f"facegan: no system metrics this run ({str(e).splitlines()[0][:160]})", flush=True)
     ctx = RayTrainContext(tracker, cfg.model, cfg.eval.register_as, loop_config.get("init_checkpoint"),
-                          loop_config.get("hp"))
+                          loop_config.get("hp"), publish=cfg.eval.publish)
     try:
         result = train_from_config(cfg, ctx, cpus=cfg.scale.cpus_per_worker)
     finally:
         if monitor is not None:
             monitor.finish()
+    if not result.diverged:
+        ctx.publish_best(result)
     if result.diverged:  # nothing to publish or audit; the driver fails the run
         if tracker is not None:
             tracker.set_tags({"facegan.final_step": str(result.step)})

@@ -37,7 +37,8 @@ def _args(faces, storage, sweep, steps=24, *extra):
     return ["--config", str(ROOT / "configs" / "smoke.toml"), "--sweep", sweep, "--data.source=shards",
             f"--data.path={faces}", "--model.width=0.0625", "--train.batch_size=16", f"--train.max_steps={steps}",
             "--train.log_every=4", "--eval.every_steps=4", "--eval.extractor=pixels", "--eval.num_samples=64",
-            "--scale.num_workers=1", "--scale.cpus_per_worker=0.5", f"--run.storage_path={storage}", *extra]
+            "--scale.num_workers=1", "--scale.cpus_per_worker=0.5", "--eval.publish=end",  # one export per trial
+            f"--run.storage_path={storage}", *extra]
 
 
 @pytest.mark.parametrize("space, needle", [
