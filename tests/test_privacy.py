@@ -141,7 +141,8 @@ def test_batchnorm_d_and_other_unaccountable_settings_are_refused():
 
 def test_batchnorm_d_is_refused_in_one_line_before_ray_starts(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jobs.train", "--config", "configs/smoke.toml",
-                           "--privacy.dp_epsilon=1", f"--run.storage_path={tmp_path}"],
+                           "--model.d_norm=batch", "--loss.r1_gamma=0", "--privacy.dp_epsilon=1",
+                           f"--run.storage_path={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "PATH": "/usr/bin:/bin",
                                "RAY_ADDRESS": ""})

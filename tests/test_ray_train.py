@@ -349,12 +349,13 @@ def test_run_with_evaluation_registers_best_and_audits(faces64, tmp_path, mlflow
 def test_logged_fid_is_that_of_the_logged_generator(faces64, tmp_path, mlflow_store, root_cwd, capsys):
     """2 workers, standard Inception: the FID logged at the published step equals jobs.fid on the
     published model in one process (BN statistics averaged over the ranks before evaluating), and
-    the run records the extractor's hash."""
+    the run records the extractor's hash. eval.publish = "end": one export, of the best of the
+    evaluations, after the last step."""
     from evaluation.inception import STANDARD_SHA1
     from jobs import fid as fid_job
 
     assert train_job.main(_args(faces64, tmp_path / "runs", "consistent", 20, "--eval.every_steps=10",
-                                "--eval.num_samples=64", "--eval.extractor=inception")) == 0
+                                "--eval.num_samples=64", "--eval.extractor=inception", "--eval.publish=end")) == 0
     run_id = capsys.readouterr().out.split("run_id: ")[1].split()[0]
     client = MlflowClient(mlflow_store)
     run = client.get_run(run_id)
@@ -362,6 +363,9 @@ def test_logged_fid_is_that_of_the_logged_generator(faces64, tmp_path, mlflow_st
     assert sorted(fid) == [10, 20] and len(client.get_metric_history(run_id, "kid")) == 2
     assert run.data.tags["facegan.fid_extractor_sha1"] == STANDARD_SHA1
     step = int(run.data.tags["facegan.generator_step"])
+    assert step == min(fid, key=fid.get) == int(run.data.tags["facegan.best_step"])
+    logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert sorted(m.name for m in logged) == ["faces", "generator"]  # published once
     again = fid_job.compute(str(faces64.parent / "val"), f"runs:/{run_id}/generator", 64,
                             cache=str(tmp_path / "c"))
     assert again["n_real"] == again["n_fake"] == 64
@@ -374,7 +378,7 @@ def test_two_worker_ddp_run_with_dp_finishes(faces64, tmp_path, mlflow_store, ro
     ranks sum), Poisson batches from each worker's share; ε logged every log step."""
     pytest.importorskip("opacus")
     assert train_job.main(_args(faces64, tmp_path / "runs", "private", 20, "--train.batch_size=32",
-                                "--model.d_norm=none", "--privacy.dp_epsilon=8")) == 0
+                                "--model.d_norm=none", "--loss.r1_gamma=0", "--privacy.dp_epsilon=8")) == 0
     run_id = capsys.readouterr().out.split("run_id: ")[1].split()[0]
     client = MlflowClient(mlflow_store)
     run = client.get_run(run_id)
