@@ -132,7 +132,8 @@ def test_evaluation_time_is_not_training_time(faces64, tmp_path):
 
 def test_switches_are_validated(tmp_path):
     for bad, field in (("--model.arch=vit", "model.arch"), ("--loss.r1_gamma=-1", "loss.r1_gamma"),
-                       ("--loss.r1_every=0", "loss.r1_every"), ("--train.max_minutes=-2", "train.max_minutes")):
+                       ("--loss.r1_every=0", "loss.r1_every"), ("--train.max_minutes=-2", "train.max_minutes"),
+                       ("--eval.publish=sometimes", "eval.publish")):
         with pytest.raises(ConfigError, match=field):
             validate(load(None, [bad]))
     validate(load(None, ["--loss.r1_gamma=1", "--scale.num_workers=2"]))  # R1 through DDP (tests/test_step.py)
