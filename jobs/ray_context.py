@@ -130,8 +130,7 @@ class RayTrainContext(TorchDistributedContext):
             self.tracker.log_artifacts(r.artifacts)
             self.tracker.log_images(r.step, r.artifacts)
         if r.model is not None and self.publish == "end":  # a host copy until the last step
-            self.best_model = ({k: v.detach().to("cpu", copy=True) for k, v in r.model.state_dict().items()},
-                               r.step, dict(r.scores))
+            self.best_model = (to_host(r.model.state_dict()), r.step, dict(r.scores))
         elif r.model is not None:
             self.tracker.log_generator(r.model, self.model_cfg, step=r.step, scores=r.scores,
                                        register_as=self.register_as)

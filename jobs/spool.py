@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from gan.checkpoint import to_host
 from jobs.tracking import Tracker, end_run
 
 SPOOL = "tracking_spool"
@@ -135,9 +136,7 @@ class BackgroundTracker:
         self._put("artifacts", dict(artifacts))
 
     def log_generator(self, G, model_cfg, step=None, scores=None, register_as: str = "") -> None:
-        # A copy on the host now: the live weights keep training.
-        state = {k: v.detach().to("cpu", copy=True) for k, v in G.state_dict().items()}
-        self.log_generator_state(state, model_cfg, step, scores, register_as)
+        self.log_generator_state(to_host(G.state_dict()), model_cfg, step, scores, register_as)
 
     def log_generator_state(self, state: dict, model_cfg, step=None, scores=None, register_as: str = "") -> None:
         """:meth:`log_generator` for weights already copied to the host."""

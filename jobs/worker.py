@@ -65,12 +65,11 @@ def _train_and_publish(cfg: Config, loop_config: dict, tracker) -> None:
     finally:
         if monitor is not None:
             monitor.finish()
-    if not result.diverged:
-        ctx.publish_best(result)
     if result.diverged:  # nothing to publish or audit; the driver fails the run
         if tracker is not None:
             tracker.set_tags({"facegan.final_step": str(result.step)})
         return
+    ctx.publish_best(result)  # eval.publish = "end"
     if tracker is not None:
         if result.best is None:  # no evaluation, or none under the privacy cap: the final generator is the model
             # Over eval.max_identity_auc: logged with the run, never registered nor made champion.
