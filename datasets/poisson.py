@@ -17,11 +17,6 @@ from typing import Iterator
 import numpy as np
 import torch
 
-try:  # the privacy extra (gan/privacy.py says so in one line when it is missing)
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-except ImportError:  # pragma: no cover
-    UniformWithReplacementSampler = None
-
 from datasets.shards import ShardSet
 
 
@@ -48,6 +43,10 @@ class PoissonBatches:
         return self.steps
 
     def stream(self, epoch: int, batch: int, stop_epoch: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        # The privacy extra, imported when a DP run draws (importing Opacus costs every process ~1 s;
+        # gan/privacy.py says in one line when it is missing).
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
         for e in range(epoch, stop_epoch):
             gen = torch.Generator().manual_seed(_seed(self.seed, self.rank, e))
             sampler = UniformWithReplacementSampler(num_samples=len(self.faces), sample_rate=self.sample_rate,

@@ -27,15 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-try:  # the privacy extra: only a run with privacy.dp_epsilon > 0 needs it
-    from opacus import GradSampleModule
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.utils import get_noise_multiplier
-    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
-    from opacus.validators import ModuleValidator
-except ImportError:  # pragma: no cover - said in one line by DPTraining
-    GradSampleModule = None
-
 from gan.config import PrivacyConfig
 
 # Opacus's per-sample hooks on D's first layer fire for the real pass, whose input needs no
@@ -56,8 +47,13 @@ class DPTraining:
     ``steps``: the run's total D steps (what the target ε is spent over)."""
 
     def __init__(self, cfg: PrivacyConfig, n: int, sample_rate: float, steps: int):
-        if GradSampleModule is None:
-            raise PrivacyError('privacy.dp_epsilon needs Opacus: pip install -e ".[privacy]"')
+        # The privacy extra, imported by the runs that use it: importing Opacus costs ~1 s, in
+        # every process that imports the training loop (each Ray worker, each CLI).
+        try:
+            from opacus.accountants import RDPAccountant
+            from opacus.accountants.utils import get_noise_multiplier
+        except ImportError:
+            raise PrivacyError('privacy.dp_epsilon needs Opacus: pip install -e ".[privacy]"') from None
         self.target, self.max_grad_norm = cfg.dp_epsilon, cfg.dp_max_grad_norm
         self.delta = cfg.dp_delta if cfg.dp_delta > 0 else 1.0 / n
         self.n, self.sample_rate, self.steps = n, sample_rate, steps
@@ -71,6 +67,10 @@ class DPTraining:
         keeps its parameters and state dict (the hooks sit on its layers); ``expected_batch``: this
         rank's mean batch; ``noise``: the generator the noise is drawn from (the step's, so that
         a resumed run draws the noise the uninterrupted one would have)."""
+        from opacus import GradSampleModule
+        from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+        from opacus.validators import ModuleValidator
+
         errors = ModuleValidator.validate(D, strict=False)
         if errors:
             raise PrivacyError(f"privacy.dp_epsilon: D has no per-face gradients ({errors[0]}); "
