@@ -1,7 +1,5 @@
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 
@@ -60,9 +58,29 @@ def test_validation_errors(overrides, needle):
         validate(load(ROOT / "configs" / "smoke.toml", overrides))
 
 
-def _train_cli(tmp_path, *args, env=None):
-    return subprocess.run([sys.executable, "-m", "jobs.train", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120, env=env)
+@pytest.fixture
+def train_cli(tmp_path, monkeypatch, capsys):
+    """``python -m jobs.train ARGS`` in ``tmp_path``, run in this process (the CLI in its own
+    process, as a user types it, is tests/test_bad_input.py's): (exit status, stdout, stderr).
+    ``env``: variables set for the call."""
+    import ray
+
+    from jobs import train as train_job
+
+    def run(*args, env=None):
+        monkeypatch.chdir(tmp_path)
+        for k, v in (env or {}).items():
+            monkeypatch.setenv(k, v)
+        capsys.readouterr()
+        was = ray.is_initialized()
+        try:
+            rc = train_job.main(list(args))
+        except SystemExit as e:  # argparse
+            rc = e.code
+        out, err = capsys.readouterr()
+        assert ray.is_initialized() == was, "a refused run started Ray"
+        return subprocess.CompletedProcess(args, rc, out, err)
+    return run
 
 
 @pytest.mark.parametrize("args, tracking, needle", [
@@ -71,25 +89,24 @@ def _train_cli(tmp_path, *args, env=None):
     (["--run.storage_path=/shared/runs", "--data.path=/shared/faces/train"], "", "MLFLOW_TRACKING_URI: unset"),
     (["--run.storage_path=/shared/runs", "--data.path=/shared/faces/train"], "sqlite:///mlflow.db", "is relative"),
 ])
-def test_relative_locations_are_refused_under_ray_job_submit(tmp_path, args, tracking, needle):
+def test_relative_locations_are_refused_under_ray_job_submit(tmp_path, train_cli, args, tracking, needle):
     """Ray runs a submitted driver in a temporary copy of --working-dir (and says so in this
     variable): relative locations would be lost with it."""
     job = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123456789abcdef.zip"}})
-    env = {**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": job, "MLFLOW_TRACKING_URI": tracking}
-    proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"), *args, env=env)
+    env = {"RAY_JOB_CONFIG_JSON_ENV_VAR": job, "MLFLOW_TRACKING_URI": tracking}
+    proc = train_cli("--config", str(ROOT / "configs" / "smoke.toml"), *args, env=env)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
     assert "ray job submit" in lines[0] and not (tmp_path / "runs").exists()
 
 
-def test_unreachable_tracking_server_is_one_line_in_seconds(tmp_path):
+def test_unreachable_tracking_server_is_one_line_in_seconds(tmp_path, train_cli):
     """Nothing listens at the tracking URI: exit 2 with one line, before any face is drawn
     (MLflow's own retries used to take ~4 minutes and end in chained tracebacks)."""
     from tests.conftest import _free_port
 
     uri = f"http://127.0.0.1:{_free_port()}"
-    proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"),
-                      env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    proc = train_cli("--config", str(ROOT / "configs" / "smoke.toml"), env={"MLFLOW_TRACKING_URI": uri})
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"error: MLFLOW_TRACKING_URI: {uri} is not reachable within 5 s")
@@ -104,8 +121,8 @@ def test_unreachable_tracking_server_is_one_line_in_seconds(tmp_path):
     (["--train.epochs=0"], "train.epochs: must be >= 1"),
     (["--train.batch_size=1024", "--data.generated_count=1000"], "train.batch_size 1024 exceeds the 1000 faces"),
 ])
-def test_train_cli_fails_fast_before_ray(tmp_path, args, needle):
-    proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"), *args)
+def test_train_cli_fails_fast_before_ray(tmp_path, train_cli, args, needle):
+    proc = train_cli("--config", str(ROOT / "configs" / "smoke.toml"), *args)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
@@ -114,27 +131,27 @@ def test_train_cli_fails_fast_before_ray(tmp_path, args, needle):
     assert "Ray" not in proc.stdout + proc.stderr
 
 
-def test_train_cli_names_an_unwritable_storage_and_a_different_generated_set(tmp_path):
+def test_train_cli_names_an_unwritable_storage_and_a_different_generated_set(tmp_path, train_cli):
     (tmp_path / "afile").write_text("")
-    proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"),
-                      f"--run.storage_path={tmp_path / 'afile' / 'runs'}")
+    proc = train_cli("--config", str(ROOT / "configs" / "smoke.toml"),
+                     f"--run.storage_path={tmp_path / 'afile' / 'runs'}")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: run.storage_path: {tmp_path / 'afile' / 'runs'} is not writable (Not a directory)"]
     # Generated faces already at data.path but drawn with another count: named, not redrawn.
     from datasets.synthetic import ensure_generated
 
     ensure_generated(tmp_path / "gen", 500, 64)
-    proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"), "--data.generated_count=600",
-                      "--data.generated_heldout=0", f"--data.path={tmp_path / 'gen'}")
+    proc = train_cli("--config", str(ROOT / "configs" / "smoke.toml"), "--data.generated_count=600",
+                     "--data.generated_heldout=0", f"--data.path={tmp_path / 'gen'}")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "data.generated_count/data.path" in lines[0]
     assert "holds a different shard set" in lines[0] and "count 500" in lines[0]
 
 
-def test_empty_shard_directory_is_an_error(tmp_path):
+def test_empty_shard_directory_is_an_error(tmp_path, train_cli):
     (tmp_path / "empty").mkdir()
-    proc = _train_cli(tmp_path, "--config", str(ROOT / "configs" / "smoke.toml"),
-                      "--data.source=shards", f"--data.path={tmp_path / 'empty'}")
+    proc = train_cli("--config", str(ROOT / "configs" / "smoke.toml"),
+                     "--data.source=shards", f"--data.path={tmp_path / 'empty'}")
     assert proc.returncode == 2
     assert "manifest.json: missing" in proc.stderr and str(tmp_path / "empty") in proc.stderr
 
