@@ -41,7 +41,8 @@ def ray_head():
 
 def test_ray_job_submit_lands_in_mlflow(ray_head, mlflow_server, faces64, tmp_path):
     address, env = ray_head
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}
+    # System metrics every second (MLflow's default, 10 s, can outlast a 12-step run).
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}}
     proc = subprocess.run(
         ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
          "--runtime-env-json", json.dumps(runtime_env), "--",
