@@ -194,7 +194,13 @@ def test_pbt_sweep_with_its_storage_in_s3(cluster, mlflow_s3, s3_env, faces64, t
     assert len(children) == 2
     resumed = [m.value for c in children for m in client.get_metric_history(c.info.run_id, "resumed_from_step")]
     assert resumed and min(resumed) >= 4, resumed  # a clone continued from the donor's step
-    for c in children:
+    # The clone runs with the donor's hyper-parameters, perturbed: its lr_g history changes.
+    lr_g = [[m.value for m in sorted(client.get_metric_history(c.info.run_id, "hp.optim.lr_g"), key=lambda m: m.step)]
+            for c in children]
+    assert any(len(h) >= 2 and h[-1] != h[0] for h in lr_g), lr_g
+    for c, h in zip(children, lr_g):  # the tag holds the trial's current value
+        assert float(client.get_run(c.info.run_id).data.tags["hp.optim.lr_g"]) == pytest.approx(h[-1], rel=1e-5)
+    for c in children:  # whatever was exploited, each trial reached the end and no step was logged twice
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "fid")]
         assert max(steps) == 8 and len(steps) == len(set(steps)), steps
     assert not any(cwd.iterdir()), sorted(p.name for p in cwd.iterdir())
