@@ -75,11 +75,13 @@ def test_ray_job_submit_lands_in_mlflow(ray_head, mlflow_server, faces64, tmp_pa
     assert client.get_model_version_by_alias("submitted-g", "champion").run_id == run_id
 
 
-def test_ray_job_submit_runs_a_sweep(ray_head, mlflow_server, faces64, tmp_path):
+def test_ray_job_submit_runs_a_sweep_in_which_a_diverging_trial_fails_alone(ray_head, mlflow_server, faces64, tmp_path):
+    """A sweep submitted to the cluster; one of its trials diverges (lr_g 1e30): that trial
+    fails by name, the other finishes and wins, and the sweep goes on to its summary."""
     address, env = ray_head
     sweep = tmp_path / "submitted.toml"
-    sweep.write_text('[sweep]\nname = "submitted-sweep"\nnum_samples = 2\ngrace_period = 4\n\n[space]\n'
-                     '"optim.lr_ratio" = { type = "loguniform", low = 0.1, high = 4.0 }\n')
+    sweep.write_text('[sweep]\nname = "submitted-sweep"\nnum_samples = 2\nmax_concurrent = 1\ngrace_period = 8\n\n'
+                     '[space]\n"optim.lr_g" = { type = "choice", values = [1e-4, 1e30] }\n')
     proc = subprocess.run(
         ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
          "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}), "--",
@@ -87,12 +89,22 @@ def test_ray_job_submit_runs_a_sweep(ray_head, mlflow_server, faces64, tmp_path)
          "--data.source=shards", f"--data.path={faces64}", "--model.width=0.0625",
          "--train.batch_size=16", "--train.max_steps=8", "--train.log_every=4", "--eval.every_steps=4",
          "--eval.extractor=pixels", "--eval.num_samples=64", "--scale.num_workers=1",
+         "--train.seed=2",  # seeds the search: it draws 1e30, then 1e-4
          "--scale.cpus_per_worker=0.5", f"--run.storage_path={tmp_path / 'runs'}"],
         env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     parent = proc.stdout.split("parent_run_id: ")[1].split()[0]
     client = MlflowClient(mlflow_server)
     assert client.get_run(parent).info.status == "FINISHED"
-    children = child_runs(client, parent)
-    assert len(children) == 2 and all(client.get_metric_history(c.info.run_id, "fid") for c in children)
     assert {"results.csv", "best_config.toml", "sweep.toml"} <= {a.path for a in client.list_artifacts(parent)}
+    children = child_runs(client, parent)
+    lr = {c.info.run_id: float(c.data.params["optim.lr_g"]) for c in children}
+    assert sorted(lr.values()) == [1e-4, 1e30], lr  # the seeded draws hold both values
+    for c in children:
+        if lr[c.info.run_id] == 1e30:
+            assert c.info.status == "FAILED" and "non-finite" in c.data.tags["facegan.failed_reason"]
+            assert "facegan.best_trial" not in c.data.tags
+        else:
+            assert c.info.status == "FINISHED" and client.get_metric_history(c.info.run_id, "fid")
+    best = [c for c in children if c.data.tags.get("facegan.best_trial") == "true"]
+    assert len(best) == 1 and lr[best[0].info.run_id] == 1e-4
