@@ -43,8 +43,8 @@ class PoissonBatches:
         return self.steps
 
     def stream(self, epoch: int, batch: int, stop_epoch: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-        # The privacy extra, imported when a DP run draws (importing Opacus costs every process ~1 s;
-        # gan/privacy.py says in one line when it is missing).
+        # The privacy extra, imported when a DP run draws, not by every process that imports the
+        # loop (gan/privacy.py says in one line when it is missing).
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
         for e in range(epoch, stop_epoch):
