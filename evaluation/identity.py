@@ -28,7 +28,6 @@ from collections import Counter
 
 import numpy as np
 import torch
-from scipy.stats import binom, mannwhitneyu
 
 from evaluation.memorization import nearest as _nearest
 
@@ -77,6 +76,8 @@ def identity_scores(fake_v: np.ndarray, photos_v: np.ndarray, ids: np.ndarray) -
 
 def audit(fake_v: np.ndarray, train_v: np.ndarray, train_ids: np.ndarray, held_v: np.ndarray,
           held_ids: np.ndarray, fpir: float = 0.01, alpha: float = 1e-3, top: int = 5) -> dict:
+    from scipy.stats import binom, mannwhitneyu  # deferred: see DEFERRED in tests/test_imports.py
+
     check_people(train_ids, held_ids)
     cal = calibrate(train_v, held_v, held_ids, fpir)
     t = cal["threshold"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import binom
 
 from gan.images import grid
 
@@ -55,6 +54,8 @@ def check_disjoint(train_ids: set[str], heldout_ids: list[str], where: str) -> N
 
 def audit(gen_feats: torch.Tensor, train_feats: torch.Tensor, heldout_feats: torch.Tensor,
           percentile: float = 1.0, alpha: float = 1e-3) -> dict:
+    from scipy.stats import binom  # deferred: see DEFERRED in tests/test_imports.py
+
     if len(heldout_feats) < 20:
         raise AuditError(f"the audit needs at least 20 held-out faces, got {len(heldout_feats)}")
     d_gen, idx = nearest(gen_feats, train_feats)

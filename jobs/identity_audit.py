@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import io
 
-import matplotlib
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 import numpy as np
 import torch
 
@@ -55,8 +54,6 @@ def evidence(fake_u8: np.ndarray, train_set: ShardSet, train_ids: np.ndarray, re
     """One row per top person: up to ``per`` of their matched fakes, each beside its nearest
     training photo, distance underneath (PNG). No matches: the closest fakes overall."""
 
-    matplotlib.use("Agg")
-
     d, j = report["_nearest_dist"], report["_nearest_idx"]
     rows = []
     for entry in report["top_identities"]:
@@ -64,7 +61,8 @@ def evidence(fake_u8: np.ndarray, train_set: ShardSet, train_ids: np.ndarray, re
         rows.append((f"identity {entry['identity']}: {entry['matches']} matches", mine[np.argsort(d[mine])][:per]))
     if not rows:
         rows = [("no fake within the threshold; the closest ones", np.argsort(d)[:per])]
-    fig, axes = plt.subplots(len(rows), 2 * per, figsize=(2 * per * 1.1, len(rows) * 1.45), squeeze=False)
+    fig = Figure(figsize=(2 * per * 1.1, len(rows) * 1.45))  # no pyplot: no global state, safe off the main thread
+    axes = fig.subplots(len(rows), 2 * per, squeeze=False)
     for r, (title, picks) in enumerate(rows):
         axes[r][0].set_title(title, loc="left", fontsize=8)
         real = train_set.rows_at([int(j[i]) for i in picks]) if len(picks) else []
@@ -79,5 +77,4 @@ def evidence(fake_u8: np.ndarray, train_set: ShardSet, train_ids: np.ndarray, re
                  f"{report['identity_auc']:.2f}; match rate {report['identity_match_rate']:.1%}", fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()

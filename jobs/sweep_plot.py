@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import io
 
-import matplotlib
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 
 def plot_trials(rows: list[dict], metric: str) -> bytes:
@@ -13,9 +12,8 @@ def plot_trials(rows: list[dict], metric: str) -> bytes:
     score against the real-label range, drawn as the segment [lo, hi]. Hollow markers: trials a
     scheduler stopped early (their score is from fewer steps)."""
 
-    matplotlib.use("Agg")  # no display on a cluster node
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig = Figure(figsize=(10, 4))  # the OO API: no pyplot state, no display backend to choose
+    left, right = fig.subplots(1, 2, sharey=True)
     for r in rows:
         style = {"mfc": "none" if r["stopped_early"] else "C0", "mec": "C0", "marker": "o", "ms": 7}
         left.plot([r["lr_ratio"]], [r[metric]], **style)
@@ -33,7 +31,6 @@ def plot_trials(rows: list[dict], metric: str) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -42,10 +39,9 @@ def plot_frontier(rows: list[dict], metric: str, cap: float | None = None) -> by
     ``identity_auc`` (0.5: no identity leak; 1: every training person recognisable), the
     Pareto-best trials joined, and the sweep's cap (``max_identity_auc``) when it has one."""
 
-    matplotlib.use("Agg")
-
     pts = sorted((r["identity_auc"], r[metric]) for r in rows if r.get("identity_auc") is not None)
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig = Figure(figsize=(6, 4.2))
+    ax = fig.subplots()
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color="C0", ms=7)
     front, best = [], float("inf")
     for auc, score in pts:  # by AUC: on the frontier when no less leaky trial scores better
@@ -65,5 +61,4 @@ def plot_frontier(rows: list[dict], metric: str, cap: float | None = None) -> by
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return buf.getvalue()
