@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 
-from matplotlib.figure import Figure
 import numpy as np
 import torch
 
@@ -53,6 +52,7 @@ def run_identity_audit(fake: str | torch.nn.Module, train: str, heldout: str, n:
 def evidence(fake_u8: np.ndarray, train_set: ShardSet, train_ids: np.ndarray, report: dict, per: int = 4) -> bytes:
     """One row per top person: up to ``per`` of their matched fakes, each beside its nearest
     training photo, distance underneath (PNG). No matches: the closest fakes overall."""
+    from matplotlib.figure import Figure  # deferred: see DEFERRED in tests/test_imports.py
 
     d, j = report["_nearest_dist"], report["_nearest_idx"]
     rows = []
@@ -61,7 +61,7 @@ def evidence(fake_u8: np.ndarray, train_set: ShardSet, train_ids: np.ndarray, re
         rows.append((f"identity {entry['identity']}: {entry['matches']} matches", mine[np.argsort(d[mine])][:per]))
     if not rows:
         rows = [("no fake within the threshold; the closest ones", np.argsort(d)[:per])]
-    fig = Figure(figsize=(2 * per * 1.1, len(rows) * 1.45))  # no pyplot: no global state, safe off the main thread
+    fig = Figure(figsize=(2 * per * 1.1, len(rows) * 1.45))  # no pyplot: no global state
     axes = fig.subplots(len(rows), 2 * per, squeeze=False)
     for r, (title, picks) in enumerate(rows):
         axes[r][0].set_title(title, loc="left", fontsize=8)

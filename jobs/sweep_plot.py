@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 
-from matplotlib.figure import Figure
 
 
 def plot_trials(rows: list[dict], metric: str) -> bytes:
@@ -11,6 +10,7 @@ def plot_trials(rows: list[dict], metric: str) -> bytes:
     ``stopped_early``. Returns a PNG: left, the score against lr_d/lr_g (log axis); right, the
     score against the real-label range, drawn as the segment [lo, hi]. Hollow markers: trials a
     scheduler stopped early (their score is from fewer steps)."""
+    from matplotlib.figure import Figure  # deferred: see DEFERRED in tests/test_imports.py
 
     fig = Figure(figsize=(10, 4))  # the OO API: no pyplot state, no display backend to choose
     left, right = fig.subplots(1, 2, sharey=True)
@@ -38,6 +38,7 @@ def plot_frontier(rows: list[dict], metric: str, cap: float | None = None) -> by
     """The quality/privacy frontier: each trial's best ``metric`` against its final
     ``identity_auc`` (0.5: no identity leak; 1: every training person recognisable), the
     Pareto-best trials joined, and the sweep's cap (``max_identity_auc``) when it has one."""
+    from matplotlib.figure import Figure
 
     pts = sorted((r["identity_auc"], r[metric]) for r in rows if r.get("identity_auc") is not None)
     fig = Figure(figsize=(6, 4.2))
