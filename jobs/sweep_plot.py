@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 
 
-
 def plot_trials(rows: list[dict], metric: str) -> bytes:
     """``rows``: one per trial with ``metric``, ``lr_ratio``, ``label_lo``, ``label_hi`` and
     ``stopped_early``. Returns a PNG: left, the score against lr_d/lr_g (log axis); right, the

@@ -27,7 +27,7 @@ OPTIONAL = {"optuna", "dlib", "face_recognition_models", "boto3", "psycopg2", "m
             "imwatermark"}  # benchmarks/watermark_library.py measures it; facegan does not depend on it
 # Imported inside the one function that uses them because every Ray worker and CLI imports the
 # module that holds it, and they are heavy: scipy.stats (the audits' p-values) and Matplotlib (their
-# pictures) cost ~1.5 s of each worker's start on 2 cores (pinned by
+# pictures) cost 1.3-4 s of each worker's start on 2 busy cores (pinned by
 # test_the_training_processes_do_not_import_heavy_modules_they_do_not_use).
 DEFERRED = {"scipy.stats", "matplotlib.figure"}
 
