@@ -154,7 +154,7 @@ def test_asha_optuna_sweep_stops_trials_early_and_logs_parent_children_best(ray_
     from mlflow.tracking import MlflowClient
 
     # Optuna's TPE picks the trials (random search is the default, used by the other sweeps here).
-    # Ranked by the standard Inception's FID on 32 samples every 4 steps (the command line wins
+    # Ranked by the standard Inception's FID on 16 samples every 4 steps (the command line wins
     # over _args' pixels); the sweep file's [config] sets what the command line leaves alone.
     # Rungs at steps 4, 8 and 16: a trial escapes ASHA only by being in the better half of those
     # before it at all three. With one rung (FID every 12 steps) no trial was stopped in ~1 of 8
@@ -162,7 +162,7 @@ def test_asha_optuna_sweep_stops_trials_early_and_logs_parent_children_best(ray_
     sweep = _sweep(tmp_path, "asha", 'num_samples = 4\ngrace_period = 4\nreduction_factor = 2\nsearch = "optuna"',
                    SPACE + '[config]\n"eval.kid_subset_size" = 16\n"eval.num_samples" = 1000\n')
     assert tune_job.main(_args(faces64, tmp_path / "runs", sweep, 24, "--eval.extractor=inception",
-                               "--eval.num_samples=32")) == 0
+                               "--eval.num_samples=16")) == 0
     out = capsys.readouterr().out
     client = MlflowClient(mlflow_store)
     parent = _parent(client, "asha")
@@ -170,7 +170,7 @@ def test_asha_optuna_sweep_stops_trials_early_and_logs_parent_children_best(ray_
     assert len(children) == 4
     assert {a.path for a in client.list_artifacts(parent)} >= {"results.csv", "best_config.toml", "sweep_fid.png"}
     params = client.get_run(parent).data.params
-    assert params["eval.kid_subset_size"] == "16" and params["eval.num_samples"] == "32"  # [config], then the CLI
+    assert params["eval.kid_subset_size"] == "16" and params["eval.num_samples"] == "16"  # [config], then the CLI
     best = [c for c in children if c.data.tags.get("facegan.best_trial") == "true"]
     assert len(best) == 1
     table = list(csv.DictReader(Path(client.download_artifacts(parent, "results.csv", str(tmp_path))).open()))
@@ -194,7 +194,7 @@ def test_asha_optuna_sweep_stops_trials_early_and_logs_parent_children_best(ray_
     # Every child holds its own metric history, judged by the standard Inception's FID.
     for c in children:
         assert client.get_metric_history(c.info.run_id, "fid")
-        assert c.data.params["eval.extractor"] == "inception" and c.data.params["eval.num_samples"] == "32"
+        assert c.data.params["eval.extractor"] == "inception" and c.data.params["eval.num_samples"] == "16"
         assert c.data.tags["facegan.fid_protocol"].startswith("stylegan3")
 
 
