@@ -15,6 +15,40 @@ ROOT = Path(__file__).resolve().parents[1]
 CELEBA_SAMPLE = ROOT.parent / "shared" / "data" / "celeba-sample"
 
 
+def _measured_seconds() -> dict[str, float]:
+    """Each test module's seconds as last measured (benchmarks/results/suite-durations.jsonl,
+    written by python -m benchmarks.suite_durations)."""
+    import json
+
+    path = ROOT / "benchmarks" / "results" / "suite-durations.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return {r["module"]: r["seconds"] for r in rows if r.get("kind") == "module"}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Longest module first: pytest-xdist hands whole modules (--dist loadfile) to its two
+    workers in this order, so the last ones to start are short and both finish together. A
+    module not yet measured counts as long. Tests keep their order within a module."""
+    seconds = _measured_seconds()
+    order = {}
+    for item in items:
+        order.setdefault(item.module.__name__.rsplit(".", 1)[-1], len(order))
+    items.sort(key=lambda it: (-seconds.get(it.module.__name__.rsplit(".", 1)[-1], 1e9),
+                               order[it.module.__name__.rsplit(".", 1)[-1]]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_test_process():
+    """Two test processes share two cores (pytest -n 2): torch computes on one thread in each,
+    as a Ray worker with one CPU does. (Capping OpenMP, OpenBLAS and OpenCV too, through the
+    environment of every process a test starts, measured 16% slower: 2,510 s against 2,167 s, docs/testing.md.)"""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+    yield
+
+
 def write_indexed(out: Path, count: int, size: int = 64, row_group_size: int = 64,
                   rows_per_shard: int = 256, encoding: str = "raw") -> Path:
     """A shard set whose image i carries i in its first pixel, so tests can say which row is which
@@ -79,6 +113,35 @@ def stop_ray_by_tmpdir(tmp: str, grace: float = 10) -> int:
             pass
     psutil.wait_procs(alive, timeout=5)
     return len(procs)
+
+
+def ray_train_workers(*tmp_dirs: str) -> list:
+    """The RayTrainWorker processes of this test's own Ray cluster, never another test's (under
+    pytest -n 2 two modules' clusters run side by side): the descendants of this process (a local
+    ``ray.init`` starts its raylet as a child), or, given the temp dirs of ``ray start`` nodes,
+    the descendants of the processes that name one of them (each node's raylet does)."""
+    import psutil
+
+    if tmp_dirs:
+        roots = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(t.rstrip("/") + "/" in part or part.endswith(t.rstrip("/"))  # /tmp/fg-1, not /tmp/fg-12
+                       for t in tmp_dirs for part in (p.info["cmdline"] or [])):
+                    roots.append(p)
+            except psutil.Error:
+                pass
+    else:
+        roots = [psutil.Process()]
+    found = {}
+    for root in roots:
+        try:
+            for child in root.children(recursive=True):
+                if any("RayTrainWorker" in part for part in child.cmdline()):
+                    found[child.pid] = child
+        except psutil.Error:
+            pass
+    return [found[pid] for pid in sorted(found)]
 
 
 def start_mlflow_server(store: Path, port: int):

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from gan.checkpoint import load_state
 from gan.context import CHECKPOINT_FILE
 from jobs import train as train_job
-from tests.conftest import CELEBA_SAMPLE
+from tests.conftest import CELEBA_SAMPLE, ray_train_workers
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -172,14 +172,6 @@ def test_resume_flag_and_name_collisions(faces64, tmp_path, mlflow_store, root_c
     assert "exists; pass --resume" in capsys.readouterr().err
 
 
-def _train_worker_pids() -> list[psutil.Process]:
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
-            procs.append(p)
-    return procs
-
-
 def test_killed_worker_resumes_from_last_checkpoint(faces64, tmp_path, mlflow_store, root_cwd):
     runs, out, errors = tmp_path / "runs", {}, []
     # 120 steps: the kill lands right after the step-20 checkpoint is registered, ~100 steps early.
@@ -201,7 +193,7 @@ def test_killed_worker_resumes_from_last_checkpoint(faces64, tmp_path, mlflow_st
         # appears earlier, while it is still being written.
         snapshot = runs / "killed" / "checkpoint_manager_snapshot.json"
         if snapshot.is_file() and "checkpoint_0" in snapshot.read_text():
-            workers = _train_worker_pids()
+            workers = ray_train_workers()  # this module's cluster only
             if workers:
                 victim = workers[-1]
                 victim.kill()
@@ -356,7 +348,7 @@ def test_logged_fid_is_that_of_the_logged_generator(faces64, tmp_path, mlflow_st
     from jobs import fid as fid_job
 
     assert train_job.main(_args(faces64, tmp_path / "runs", "consistent", 20, "--eval.every_steps=10",
-                                "--eval.num_samples=64", "--eval.extractor=inception", "--eval.publish=end")) == 0
+                                "--eval.num_samples=32", "--eval.extractor=inception", "--eval.publish=end")) == 0
     run_id = capsys.readouterr().out.split("run_id: ")[1].split()[0]
     client = MlflowClient(mlflow_store)
     run = client.get_run(run_id)
@@ -367,9 +359,9 @@ def test_logged_fid_is_that_of_the_logged_generator(faces64, tmp_path, mlflow_st
     assert step == min(fid, key=fid.get) == int(run.data.tags["facegan.best_step"])
     logged = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     assert sorted(m.name for m in logged) == ["faces", "generator"]  # published once
-    again = fid_job.compute(str(faces64.parent / "val"), f"runs:/{run_id}/generator", 64,
+    again = fid_job.compute(str(faces64.parent / "val"), f"runs:/{run_id}/generator", 32,
                             cache=str(tmp_path / "c"))
-    assert again["n_real"] == again["n_fake"] == 64
+    assert again["n_real"] == again["n_fake"] == 32
     assert again["fid"] == pytest.approx(fid[step], rel=1e-3)
 
 

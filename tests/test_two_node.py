@@ -16,12 +16,11 @@ import threading
 import time
 
 import boto3
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 from moto.server import ThreadedMotoServer
 
-from tests.conftest import ROOT, _free_port, child_runs, stop_ray_by_tmpdir, wait_http
+from tests.conftest import ROOT, _free_port, child_runs, ray_train_workers, stop_ray_by_tmpdir, wait_http
 
 BUCKET = "facegan"
 
@@ -63,7 +62,8 @@ def cluster(s3_env, tmp_path_factory):
                         '--resources={"trainer": 2}', f"--temp-dir={node_tmp}", *common],
                        env={**env, "RAY_TMPDIR": node_tmp}, check=True, capture_output=True, timeout=180)
         wait_http(f"http://127.0.0.1:{dash}/api/version")
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env,
+               "tmp_dirs": started}
     finally:
         for tmp in reversed(started):  # each node by its own temp dir: nothing else on the machine
             stop_ray_by_tmpdir(tmp)
@@ -124,8 +124,7 @@ def test_two_nodes_s3_storage_and_a_killed_worker(cluster, mlflow_s3, s3_env, fa
         except s3.exceptions.NoSuchKey:
             registered = False
         if registered:
-            workers = [p for p in psutil.process_iter(["cmdline"])
-                       if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+            workers = ray_train_workers(*cluster["tmp_dirs"])  # this cluster's, not another test's
             if workers:
                 victim = workers[-1]
                 victim.kill()

@@ -1,0 +1,113 @@
+"""The suite's own machinery: which Ray workers a test may kill, the order pytest -n 2 runs the
+modules in, and the durations file that order comes from (docs/testing.md)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import psutil
+
+from tests.conftest import ROOT, ray_train_workers
+
+SLEEPER = "import sys, time; time.sleep(float(sys.argv[1]))"
+
+
+def _spawn_parent(tmp: str) -> subprocess.Popen:
+    """A stand-in raylet: a process naming ``tmp`` on its command line (and not the worker's name),
+    with a 'RayTrainWorker' child."""
+    code = ("import subprocess, sys, time; "
+            f"subprocess.Popen([sys.executable, '-c', {SLEEPER!r}, '60', 'RayTrain' + 'Worker']); time.sleep(60)")
+    return subprocess.Popen([sys.executable, "-c", code, f"--temp-dir={tmp}"])
+
+
+def _children_named(proc: subprocess.Popen, timeout: float = 30) -> list[int]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        kids = [c.pid for c in psutil.Process(proc.pid).children() if "RayTrainWorker" in c.cmdline()]
+        if kids:
+            return kids
+        time.sleep(0.05)
+    raise TimeoutError("the stand-in worker did not start")
+
+
+def test_a_test_finds_only_its_own_clusters_ray_train_workers(tmp_path):
+    # Under pytest -n 2 another module's cluster runs beside this one: killing "a RayTrainWorker"
+    # found machine-wide once killed the other module's worker (its run resumed, this one never did).
+    mine, other = str(tmp_path / "fg-1"), str(tmp_path / "fg-12")  # one a prefix of the other
+    parents = [_spawn_parent(mine), _spawn_parent(other)]
+    # And a worker of a cluster this process did not start (reparented away from it).
+    stray = subprocess.run(["bash", "-c", f"{sys.executable} -c {SLEEPER!r} 60 RayTrainWorker >/dev/null 2>&1 & echo $!"],
+                           capture_output=True, text=True, check=True)
+    stray_pid = int(stray.stdout.strip())
+    try:
+        (mine_kid,), (other_kid,) = _children_named(parents[0]), _children_named(parents[1])
+        assert [p.pid for p in ray_train_workers(mine)] == [mine_kid]
+        assert [p.pid for p in ray_train_workers(other)] == [other_kid]
+        # No temp dir: this process's own descendants (a local ray.init's raylet is its child).
+        assert sorted(p.pid for p in ray_train_workers()) == sorted([mine_kid, other_kid])
+        assert stray_pid not in {p.pid for p in ray_train_workers()}
+    finally:
+        for p in [*parents, *psutil.Process().children(recursive=True)]:
+            try:
+                p.kill()
+            except (psutil.Error, ProcessLookupError):
+                pass
+        try:
+            psutil.Process(stray_pid).kill()
+        except psutil.Error:
+            pass
+
+
+def test_modules_are_collected_longest_first():
+    out = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-n", "0", "-p", "no:cacheprovider",
+                          "tests/test_shards.py", "tests/test_identity.py", "tests/test_checkpoint.py"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    modules = []
+    for line in out.stdout.splitlines():
+        if "::" in line:
+            name = line.split("::")[0].rsplit("/", 1)[-1]
+            if not modules or modules[-1] != name:
+                modules.append(name)
+    durations = ROOT / "benchmarks" / "results" / "suite-durations.jsonl"
+    seconds = {r["module"] + ".py": r["seconds"] for r in map(json.loads, durations.read_text().splitlines())
+               if r.get("kind") == "module"}
+    assert modules == sorted(modules, key=lambda m: -seconds[m]) and len(modules) == 3  # each module once, in one piece
+
+
+def test_suite_durations_reads_a_pytest_log_and_keeps_the_suite_history(tmp_path, capsys):
+    from benchmarks import suite_durations
+
+    out = tmp_path / "durations.jsonl"
+    out.write_text(json.dumps({"kind": "suite", "commit": "old", "workers": 0, "wall_s": 2844.45}) + "\n"
+                   + json.dumps({"kind": "module", "module": "test_gone", "seconds": 9.0}) + "\n")
+    log = tmp_path / "suite.log"
+    log.write_text("..F\n= slowest durations =\n"
+                   "12.50s call     tests/test_tune.py::test_asha[a-b]\n"
+                   "2.00s setup    tests/test_tune.py::test_asha[a-b]\n"
+                   "4.25s call     tests/test_loop.py::test_resume\n"
+                   "= 2 passed, 1 failed, 3 warnings in 21.70s (0:00:21) =\n")
+    assert suite_durations.main([str(log), "--workers", "2", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["kind"], r.get("commit")) for r in rows[:2]] == [("suite", "old"), ("suite", rows[1]["commit"])]
+    assert {k: rows[1][k] for k in ("workers", "tests", "passed", "failed", "wall_s")} == \
+        {"workers": 2, "tests": 3, "passed": 2, "failed": 1, "wall_s": 21.7}
+    assert rows[2:] == [{"kind": "module", "module": "test_tune", "seconds": 14.5},
+                        {"kind": "module", "module": "test_loop", "seconds": 4.2},
+                        {"kind": "test", "test": "tests.test_tune::test_asha[a-b]", "seconds": 14.5},
+                        {"kind": "test", "test": "tests.test_loop::test_resume", "seconds": 4.2}]
+    # --suite-only: one more suite row, the module and test rows kept.
+    log2 = tmp_path / "ci.log"
+    log2.write_text("= 3 passed in 30.00s =\n")
+    assert suite_durations.main([str(log2), "--suite-only", "--out", str(out)]) == 0
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["kind"] for r in again] == ["suite"] * 3 + ["module"] * 2 + ["test"] * 2 and again[3:] == rows[2:]
+    assert again[2]["wall_s"] == 30.0 and again[2]["command"] == "python -m pytest -q"
+    # A log without pytest's summary: one line naming the file, exit 2, the file untouched.
+    log.write_text("12.50s call     tests/test_tune.py::test_asha\n")
+    before = out.read_text()
+    assert suite_durations.main([str(log), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(log) in err and "summary" in err and out.read_text() == before
