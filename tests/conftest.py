@@ -86,20 +86,29 @@ def wait_http(url: str, timeout: float = 120) -> None:
     raise TimeoutError(url)
 
 
+def processes_naming(*tmp_dirs: str) -> list:
+    """The processes (not this one) whose command line names one of ``tmp_dirs``: a Ray node's
+    processes all name its temp dir (/tmp/fg-1/..., never /tmp/fg-12/...)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(t.rstrip("/") + "/" in part or part.endswith(t.rstrip("/"))
+                                            for t in tmp_dirs for part in (p.info["cmdline"] or [])):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
 def stop_ray_by_tmpdir(tmp: str, grace: float = 10) -> int:
     """Stops the Ray processes of the node(s) started with this temp dir (every one of them names
     it in its command line), and no other: `ray stop` kills every Ray on the machine. Returns
     how many there were."""
     import psutil
 
-    procs, inside = [], tmp.rstrip("/") + "/"  # /tmp/fg-1/..., never /tmp/fg-12/...
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid != os.getpid() and any(inside in part or part.endswith(tmp.rstrip("/"))
-                                            for part in (p.info["cmdline"] or [])):
-                procs.append(p)
-        except psutil.Error:
-            pass
+    procs = processes_naming(tmp)
     for p in procs:
         try:
             p.terminate()
@@ -122,19 +131,8 @@ def ray_train_workers(*tmp_dirs: str) -> list:
     the descendants of the processes that name one of them (each node's raylet does)."""
     import psutil
 
-    if tmp_dirs:
-        roots = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(t.rstrip("/") + "/" in part or part.endswith(t.rstrip("/"))  # /tmp/fg-1, not /tmp/fg-12
-                       for t in tmp_dirs for part in (p.info["cmdline"] or [])):
-                    roots.append(p)
-            except psutil.Error:
-                pass
-    else:
-        roots = [psutil.Process()]
     found = {}
-    for root in roots:
+    for root in processes_naming(*tmp_dirs) if tmp_dirs else [psutil.Process()]:
         try:
             for child in root.children(recursive=True):
                 if any("RayTrainWorker" in part for part in child.cmdline()):

@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from tests.conftest import ROOT, ray_train_workers
+from tests.conftest import ROOT, ray_train_workers, stop_ray_by_tmpdir
 
 SLEEPER = "import sys, time; time.sleep(float(sys.argv[1]))"
 
@@ -40,24 +40,24 @@ def test_a_test_finds_only_its_own_clusters_ray_train_workers(tmp_path):
     # And a worker of a cluster this process did not start (reparented away from it).
     stray = subprocess.run(["bash", "-c", f"{sys.executable} -c {SLEEPER!r} 60 RayTrainWorker >/dev/null 2>&1 & echo $!"],
                            capture_output=True, text=True, check=True)
-    stray_pid = int(stray.stdout.strip())
+    pids = [p.pid for p in parents] + [int(stray.stdout.strip())]
     try:
         (mine_kid,), (other_kid,) = _children_named(parents[0]), _children_named(parents[1])
+        pids += [mine_kid, other_kid]
         assert [p.pid for p in ray_train_workers(mine)] == [mine_kid]
         assert [p.pid for p in ray_train_workers(other)] == [other_kid]
         # No temp dir: this process's own descendants (a local ray.init's raylet is its child).
         assert sorted(p.pid for p in ray_train_workers()) == sorted([mine_kid, other_kid])
-        assert stray_pid not in {p.pid for p in ray_train_workers()}
+        assert pids[2] not in {p.pid for p in ray_train_workers()}
+        # A fixture's teardown stops its own node's processes the same way, by temp dir.
+        assert stop_ray_by_tmpdir(mine) == 1 and parents[0].wait(timeout=30) is not None
+        assert parents[1].poll() is None and psutil.Process(other_kid).is_running()
     finally:
-        for p in [*parents, *psutil.Process().children(recursive=True)]:
+        for pid in pids:
             try:
-                p.kill()
-            except (psutil.Error, ProcessLookupError):
+                psutil.Process(pid).kill()
+            except psutil.Error:
                 pass
-        try:
-            psutil.Process(stray_pid).kill()
-        except psutil.Error:
-            pass
 
 
 def test_modules_are_collected_longest_first():
