@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CELEBA_SAMPLE = ROOT.parent / "shared" / "data" / "celeba-sample"
 
 
-def _measured_seconds() -> dict[str, float]:
+def measured_seconds() -> dict[str, float]:
     """Each test module's seconds as last measured (benchmarks/results/suite-durations.jsonl,
     written by python -m benchmarks.suite_durations)."""
     import json
@@ -29,12 +29,11 @@ def pytest_collection_modifyitems(session, config, items):
     """Longest module first: pytest-xdist hands whole modules (--dist loadfile) to its two
     workers in this order, so the last ones to start are short and both finish together. A
     module not yet measured counts as long. Tests keep their order within a module."""
-    seconds = _measured_seconds()
-    order = {}
+    seconds, first_seen = measured_seconds(), {}
+    module = lambda it: it.module.__name__.rsplit(".", 1)[-1]  # noqa: E731
     for item in items:
-        order.setdefault(item.module.__name__.rsplit(".", 1)[-1], len(order))
-    items.sort(key=lambda it: (-seconds.get(it.module.__name__.rsplit(".", 1)[-1], 1e9),
-                               order[it.module.__name__.rsplit(".", 1)[-1]]))
+        first_seen.setdefault(module(item), len(first_seen))
+    items.sort(key=lambda it: (-seconds.get(module(it), 1e9), first_seen[module(it)]))
 
 
 @pytest.fixture(scope="session", autouse=True)

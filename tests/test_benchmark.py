@@ -92,4 +92,3 @@ def test_checkpoint_benchmark_times_the_training_threads_share_and_checks_the_fi
     assert 15 < row["state_mb"] < 25
     assert min(row[k] for k in ("torch_save_ms", "sync_ms", "blocked_ms", "write_ms")) > 0
     assert row["write_ms"] >= row["blocked_ms"]  # the write is timed from the hand-over to done
-

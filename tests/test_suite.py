@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from tests.conftest import ROOT, ray_train_workers, stop_ray_by_tmpdir
+from tests.conftest import ROOT, measured_seconds, ray_train_workers, stop_ray_by_tmpdir
 
 SLEEPER = "import sys, time; time.sleep(float(sys.argv[1]))"
 
@@ -71,9 +71,7 @@ def test_modules_are_collected_longest_first():
             name = line.split("::")[0].rsplit("/", 1)[-1]
             if not modules or modules[-1] != name:
                 modules.append(name)
-    durations = ROOT / "benchmarks" / "results" / "suite-durations.jsonl"
-    seconds = {r["module"] + ".py": r["seconds"] for r in map(json.loads, durations.read_text().splitlines())
-               if r.get("kind") == "module"}
+    seconds = {m + ".py": v for m, v in measured_seconds().items()}
     assert modules == sorted(modules, key=lambda m: -seconds[m]) and len(modules) == 3  # each module once, in one piece
 
 
