@@ -7,8 +7,10 @@ MLflow's pt2 format runs ``torch.export``, which must not run on a thread beside
 (jobs/publish.py). Two ways to keep it off: export on the training thread itself, which then
 stops for the whole export and upload (the reference, measured here as ``inline_s``), or what
 facegan does: the training thread copies the weights to the host (``handover_s``, the only part
-it waits for) and a child process exports and logs them (``child_s``, in the background). Each
-row is one size, both ways measured in this run against a fresh SQLite store.
+it waits for) and the publishing process exports and logs them in the background: ``child_first_s``
+for the first publication of a process (the child's imports included, unless ``warm`` started it
+earlier), ``child_s`` for each later one. Each row is one size, both ways measured in this run
+against a fresh SQLite store.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from gan.config import ModelConfig
 from gan.models import Generator, count_params
 from jobs.cli import Parser
+from jobs import publish as publisher
 from jobs.publish import log_generator, publish
 from jobs.tracking import start_run
 
@@ -34,7 +37,7 @@ def measure(size: int, width: float, uri: str, repeats: int) -> dict:
     torch.manual_seed(0)
     G = Generator(cfg)
     run_id = start_run(uri, "export-benchmark", f"{size}px-{width:g}", f"/bench/{size}/{width}", {}, resume=False)
-    inline, handover, child = [], [], []
+    inline, handover, first, child = [], [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         log_generator(uri, run_id, G, cfg)  # the reference: the training thread exports and uploads
@@ -42,12 +45,14 @@ def measure(size: int, width: float, uri: str, repeats: int) -> dict:
         t0 = time.perf_counter()
         state = {k: v.detach().to("cpu", copy=True) for k, v in G.state_dict().items()}  # BackgroundTracker's copy
         handover.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        publish(uri, run_id, state, cfg)  # on the tracking thread: a child process exports and logs
-        child.append(time.perf_counter() - t0)
+        publisher.shutdown()  # a fresh publishing process: its imports are in the first publication
+        for times in (first, child):
+            t0 = time.perf_counter()
+            publish(uri, run_id, state, cfg)  # on the tracking thread: the publishing process exports and logs
+            times.append(time.perf_counter() - t0)
     return {"size": size, "width": width, "g_params": count_params(G), "repeats": repeats,
             "inline_s": round(min(inline), 3), "handover_s": round(min(handover), 4),
-            "child_s": round(min(child), 2), "threads": torch.get_num_threads()}
+            "child_first_s": round(min(first), 2), "child_s": round(min(child), 2), "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure(size, width, uri, a.repeats))
             print(json.dumps(rows[-1]), flush=True)
     print("| size | width | G params | export on the training thread | training thread's hand-over | "
-          "child process (background) |\n|---|---|---|---|---|---|", file=sys.stderr)
+          "publishing process (background): first, then each |\n|---|---|---|---|---|---|", file=sys.stderr)
     for r in rows:
         print(f"| {r['size']} | {r['width']:g} | {r['g_params']:,} | {r['inline_s']:.2f} s | "
-              f"{r['handover_s'] * 1000:.1f} ms | {r['child_s']:.1f} s |", file=sys.stderr)
+              f"{r['handover_s'] * 1000:.1f} ms | {r['child_first_s']:.1f} s, then {r['child_s']:.1f} s |", file=sys.stderr)
     if a.out:
         with open(a.out, "a") as f:
             for r in rows:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from gan.checkpoint import to_host
+from jobs import publish
 from jobs.tracking import Tracker, end_run
 
 SPOOL = "tracking_spool"
@@ -219,6 +220,7 @@ class BackgroundTracker:
         self.stopping = True
         self.wake.set()
         self.thread.join()
+        publish.shutdown()  # the publishing process, if one was started: nothing is left to publish
         with self.lock:
             while self.memory:  # under the keys they were made with: before the records spilled later
                 self.spool.write(*reversed(self.memory.popleft()))

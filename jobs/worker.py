@@ -10,6 +10,7 @@ import ray.train
 
 from compose import feature_cache, real_path, train_from_config
 from gan.config import Config, from_flat
+from jobs import publish
 from jobs.audit import log_audit, log_identity_audit, run_audit
 from jobs.identity_audit import run_identity_audit
 from jobs.ray_context import RayTrainContext
@@ -41,6 +42,8 @@ def train_worker(loop_config: dict) -> None:
     # while the server is unreachable (jobs/spool.py).
     tracker = BackgroundTracker(loop_config["tracking_uri"], loop_config["run_id"], loop_config["spool"]) \
         if rank0 else None
+    if rank0:
+        publish.warm()  # the publishing process imports while training starts (jobs/publish.py)
     try:
         _train_and_publish(cfg, loop_config, tracker)
     finally:

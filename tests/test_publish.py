@@ -168,3 +168,48 @@ def test_a_refused_publication_comes_back_with_mlflows_code(mlflow_store):
         publish(mlflow_store, "0" * 32, G.state_dict(), cfg.model)
     assert err.value.error_code == "RESOURCE_DOES_NOT_EXIST" and permanent(err.value)
     assert "Traceback" not in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+def test_one_publishing_process_serves_a_run_and_a_dead_or_hung_one_is_replaced(mlflow_store, tmp_path):
+    """The publishing process is started once (jobs.publish.warm) and serves every new best:
+    two publications, one process, two versions. One that died answers with one line (the
+    writer retries the record) and is replaced by a fresh process; one that hangs past the
+    timeout is killed and replaced; shutdown ends it cleanly."""
+    import socket
+
+    from gan.checkpoint import to_host
+    from jobs import publish as pub
+
+    cfg = Config()
+    cfg.model.width = 0.0625
+    G, _ = build(cfg.model)
+    state = to_host(G.state_dict())
+    run_id = start_run(mlflow_store, "publish", "served", str(tmp_path / "s"), {}, resume=False)
+    client = MlflowClient(mlflow_store)
+
+    def versions():
+        return sorted(int(v.version) for v in client.search_model_versions("name='served'"))
+
+    pub.warm()
+    first = pub._child.proc
+    pub.publish(mlflow_store, run_id, state, cfg.model, register_as="served")
+    pub.publish(mlflow_store, run_id, state, cfg.model, register_as="served")
+    assert pub._child.proc is first and first.poll() is None and versions() == [1, 2]
+    first.kill()
+    first.wait()
+    # Asked after it died: one line, the writer's retry goes to a fresh process.
+    with pytest.raises(pub.PublishError, match="^the publishing process exited -9"):
+        pub._child.ask(tmp_path / "unread.pt", timeout=10)
+    pub.publish(mlflow_store, run_id, state, cfg.model, register_as="served")  # dead between requests: replaced
+    second = pub._child.proc
+    assert second.pid != first.pid and versions() == [1, 2, 3]
+    with socket.socket() as hung:  # a server that accepts and never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        with pytest.raises(pub.PublishError, match="took over 3 s"):
+            pub.publish(f"http://127.0.0.1:{hung.getsockname()[1]}", run_id, state, cfg.model, timeout=3)
+    assert pub._child is None and second.poll() is not None
+    pub.publish(mlflow_store, run_id, state, cfg.model, register_as="served")
+    third = pub._child.proc
+    pub.shutdown()
+    assert third.returncode == 0 and pub._child is None and versions() == [1, 2, 3, 4]
