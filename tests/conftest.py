@@ -13,6 +13,10 @@ from datasets.shards import ShardWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 CELEBA_SAMPLE = ROOT.parent / "shared" / "data" / "celeba-sample"
+# Ray Train's spot-preemption watcher is one more actor process per run (~2.5 s of CPU to start,
+# 115 s over the suite); the clusters the tests start (and their `ray start` nodes, which
+# inherit this) are never preempted.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def measured_seconds() -> dict[str, float]:

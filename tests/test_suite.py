@@ -6,8 +6,10 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.conftest import ROOT, measured_seconds, ray_train_workers, stop_ray_by_tmpdir
 
@@ -109,3 +111,25 @@ def test_suite_durations_reads_a_pytest_log_and_keeps_the_suite_history(tmp_path
     assert suite_durations.main([str(log), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(log) in err and "summary" in err and out.read_text() == before
+
+
+def test_process_cpu_sums_every_process_the_command_starts(capsys):
+    """benchmarks/process_cpu.py: a command whose child burns 1.5 s of CPU; the child is counted
+    (it is not the process we started), the command's exit status comes back, a bad flag is one line."""
+    from benchmarks import process_cpu
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}]); sys.exit(3)"
+    assert process_cpu.main(["--every", "0.1", sys.executable, "-c", parent]) == 3
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert 1.4 <= report["cpu_s"] < 3.5 and report["wall_s"] >= 1.5
+    python = report["kinds"][Path(sys.executable).name]
+    assert python["processes"] == 2 and python["cpu_s"] >= 1.4
+    assert process_cpu.kind(["ray::TrainController"]) == "ray::TrainController"
+    assert process_cpu.kind(["/v/bin/python", "-m", "jobs.publish", "--serve"]) == "publishing child"
+    with pytest.raises(SystemExit) as exit_:
+        process_cpu.main(["--every", "0", "true"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_:
+        process_cpu.main([])
+    assert exit_.value.code == 2 and "no command to run" in capsys.readouterr().err
