@@ -22,8 +22,8 @@ died) is retried, by a fresh child.
 """
 from __future__ import annotations
 
-import dataclasses
 import atexit
+import dataclasses
 import importlib
 import json
 import os
