@@ -2,12 +2,15 @@
 127.0.0.1, both started and stopped here."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
 
 from tests.conftest import ROOT, _free_port, child_runs, start_mlflow_server, stop_ray_by_tmpdir, wait_http
 
@@ -28,15 +31,25 @@ def ray_head():
     ray_tmp = f"/tmp/fg-ray-{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_tmp}
     dash = _free_port()
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                    "--include-dashboard=true", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=180)
+    # Jobs reach a node through its dashboard agent's HTTP port, by default 52365 on every Ray.
+    # Another Ray on this machine (the other test process's cluster) may hold it; the agent
+    # then runs without HTTP and every submission fails "No available agent". Holding that port
+    # while this head runs makes that collision certain, and the head's own port avoids it.
+    squatter = socket.socket()
+    with contextlib.suppress(OSError):
+        squatter.bind(("", DEFAULT_DASHBOARD_AGENT_LISTEN_PORT))
+        squatter.listen()
     try:
+        subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                        f"--dashboard-agent-listen-port={_free_port()}",
+                        "--include-dashboard=true", "--disable-usage-stats"],
+                       env=env, check=True, capture_output=True, timeout=180)
         wait_http(f"http://127.0.0.1:{dash}/api/version")
         yield f"http://127.0.0.1:{dash}", env
     finally:
         stop_ray_by_tmpdir(ray_tmp)  # this head's processes only: `ray stop` stops every Ray on the machine
+        squatter.close()
 
 
 def test_ray_job_submit_lands_in_mlflow(ray_head, mlflow_server, faces64, tmp_path):

@@ -54,12 +54,14 @@ def cluster(s3_env, tmp_path_factory):
     port, dash = _free_port(), _free_port()
     common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
     started = [head_tmp, node_tmp]
-    try:
+    try:  # each node's dashboard agent on a port of its own, not the default every Ray shares
         subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=true",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *common],
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *common,
+                        f"--dashboard-agent-listen-port={_free_port()}"],
                        env={**env, "RAY_TMPDIR": head_tmp}, check=True, capture_output=True, timeout=180)
         subprocess.run(["ray", "start", f"--address=127.0.0.1:{port}", "--num-cpus=2",
-                        '--resources={"trainer": 2}', f"--temp-dir={node_tmp}", *common],
+                        '--resources={"trainer": 2}', f"--temp-dir={node_tmp}", *common,
+                        f"--dashboard-agent-listen-port={_free_port()}"],
                        env={**env, "RAY_TMPDIR": node_tmp}, check=True, capture_output=True, timeout=180)
         wait_http(f"http://127.0.0.1:{dash}/api/version")
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env,
