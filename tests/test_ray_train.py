@@ -37,14 +37,18 @@ def _last_checkpoint(run_dir: Path) -> dict:
     return load_state(sorted(run_dir.glob("checkpoint_0*"))[-1] / CHECKPOINT_FILE)
 
 
-def _ddp_probe(config):
-    """Runs the real loop on each worker, then compares every parameter across ranks."""
-    import json
-
+def _probe(config):
+    """One 2-worker TorchTrainer run, two probes (each Ray Train run costs ~60 s of CPU to start
+    and stop). First the real loop on each worker, then every parameter compared across ranks;
+    then each worker scores its share of the same 'generated' faces, and torchmetrics syncs."""
     import torch.distributed as dist
 
-    from gan.config import from_flat
+    import numpy as np
+
     from compose import train_from_config
+    from datasets.shards import ShardSet
+    from evaluation.fid import Evaluator, Pixels, iter_rows
+    from gan.config import from_flat
     from jobs.ray_context import RayTrainContext
 
     result = train_from_config(from_flat(config["cfg"]), RayTrainContext(None))
@@ -52,29 +56,55 @@ def _ddp_probe(config):
                      + [p.detach().flatten() for p in result.discriminator.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
-    # Ray's Result keeps the metrics of the last checkpoint only; the verdict goes to a file.
-    if dist.get_rank() == 0:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    fakes = np.concatenate(list(iter_rows(ShardSet(config["fake"]), config["n"])))[rank::world]
+    ev = Evaluator(Pixels(), ShardSet(config["real"]), config["n"], rank, world, torch.device("cpu"),
+                   config["cache"], batch_size=32, kid_subset_size=config["n"])
+    scores = ev(_Replay(fakes))
+    # Ray's Result keeps the metrics of the last checkpoint only; the verdicts go to a file.
+    if rank == 0:
         Path(config["out"]).write_text(json.dumps({
             "max_diff": max(float((g - gathered[0]).abs().max()) for g in gathered),
-            "final_step": result.step, "world": dist.get_world_size()}))
+            "final_step": result.step, "world": world, "scores": scores}))
 
 
-def test_two_workers_stay_identical(faces64, tmp_path):
+class _Replay(torch.nn.Module):
+    def __init__(self, faces_u8):
+        super().__init__()
+        self.faces = torch.from_numpy(faces_u8).permute(0, 3, 1, 2).float() / 127.5 - 1
+        self.z_dim, self.pos = 100, 0
+
+    def forward(self, z):
+        out = self.faces[self.pos:self.pos + len(z)]
+        self.pos += len(z)
+        return out
+
+
+@pytest.fixture(scope="module")
+def probed(faces64, tmp_path_factory):
     import ray.cloudpickle
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from datasets.synthetic import write_generated
     from gan.config import Config, flatten
 
+    tmp = tmp_path_factory.mktemp("probe")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     cfg = Config()
     cfg.data.path, cfg.model.width = str(faces64), 0.0625
     cfg.train.batch_size, cfg.train.max_steps, cfg.train.checkpoint_every = 16, 12, 100
-    verdict = tmp_path / "verdict.json"
-    TorchTrainer(_ddp_probe, train_loop_config={"cfg": flatten(cfg), "out": str(verdict)},
+    write_generated(tmp / "fake", 128, 64, seed=5, row_group_size=64)
+    TorchTrainer(_probe, train_loop_config={"cfg": flatten(cfg), "out": str(tmp / "verdict.json"),
+                                            "fake": str(tmp / "fake"), "real": str(faces64), "n": 128,
+                                            "cache": str(tmp / "c2")},
                  scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                 run_config=RunConfig(storage_path=str(tmp_path), name="ddp")).fit()
-    got = json.loads(verdict.read_text())
+                 run_config=RunConfig(storage_path=str(tmp), name="probe")).fit()
+    return tmp, json.loads((tmp / "verdict.json").read_text())
+
+
+def test_two_workers_stay_identical(probed):
+    got = probed[1]
     assert got["world"] == 2 and got["final_step"] == 12
     assert got["max_diff"] == 0.0
 
@@ -240,68 +270,19 @@ def test_short_celeba64_run_logs_real_faces(tmp_path, mlflow_store, root_cwd, ca
     assert real.size == (6 * 66 + 2, 6 * 66 + 2) and pixels.std() > 30  # photos, not a blank grid
 
 
-def _eval_probe(config):
-    """Each of 2 workers scores its share of the same 'generated' faces; torchmetrics syncs."""
-    import torch.distributed as dist
-
+def test_distributed_fid_equals_single_process(probed, faces64):
     import numpy as np
 
     from datasets.shards import ShardSet
     from evaluation.fid import Evaluator, Pixels, iter_rows
 
-    def faces(shards, n):
-        return np.concatenate(list(iter_rows(shards, n)))
-
-    rank, world = dist.get_rank(), dist.get_world_size()
-    fakes = faces(ShardSet(config["fake"]), config["n"])[rank::world]
-    G = _Replay(fakes)
-    ev = Evaluator(Pixels(), ShardSet(config["real"]), config["n"], rank, world, torch.device("cpu"),
-                   config["cache"], batch_size=32, kid_subset_size=config["n"])
-    scores = ev(G)
-    if rank == 0:
-        Path(config["out"]).write_text(json.dumps(scores))
-
-
-class _Replay(torch.nn.Module):
-    def __init__(self, faces_u8):
-        super().__init__()
-        self.faces = torch.from_numpy(faces_u8).permute(0, 3, 1, 2).float() / 127.5 - 1
-        self.z_dim, self.pos = 100, 0
-
-    def forward(self, z):
-        out = self.faces[self.pos:self.pos + len(z)]
-        self.pos += len(z)
-        return out
-
-
-def test_distributed_fid_equals_single_process(faces64, tmp_path):
-    import ray.cloudpickle
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    import numpy as np
-
-    from datasets.shards import ShardSet
-    from datasets.synthetic import write_generated
-    from evaluation.fid import Evaluator, Pixels, iter_rows
-
-    def faces(shards, n):
-        return np.concatenate(list(iter_rows(shards, n)))
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    fake = tmp_path / "fake"
-    write_generated(fake, 128, 64, seed=5, row_group_size=64)
+    tmp, got = probed
     n = 128
-    single = Evaluator(Pixels(), ShardSet(faces64), n, 0, 1, torch.device("cpu"), tmp_path / "c1",
-                       batch_size=32, kid_subset_size=n)(_Replay(faces(ShardSet(fake), n)))
-    out = tmp_path / "dist.json"
-    TorchTrainer(_eval_probe, train_loop_config={"fake": str(fake), "real": str(faces64), "n": n,
-                                                 "cache": str(tmp_path / "c2"), "out": str(out)},
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-                 run_config=RunConfig(storage_path=str(tmp_path), name="eval")).fit()
-    dist_scores = json.loads(out.read_text())
-    assert dist_scores["fid"] == pytest.approx(single["fid"], rel=1e-5)
-    assert dist_scores["kid"] == pytest.approx(single["kid"], rel=1e-4, abs=1e-7)
+    fakes = np.concatenate(list(iter_rows(ShardSet(tmp / "fake"), n)))
+    single = Evaluator(Pixels(), ShardSet(faces64), n, 0, 1, torch.device("cpu"), tmp / "c1",
+                       batch_size=32, kid_subset_size=n)(_Replay(fakes))
+    assert got["scores"]["fid"] == pytest.approx(single["fid"], rel=1e-5)
+    assert got["scores"]["kid"] == pytest.approx(single["kid"], rel=1e-4, abs=1e-7)
 
 
 def test_run_with_evaluation_registers_best_and_audits(faces64, tmp_path, mlflow_store, root_cwd, capsys):
