@@ -11,12 +11,16 @@ HOME_DIR="${FACEGAN_HOME:-$PWD/.facegan}"
 export RAY_TMPDIR="${RAY_TMPDIR:-/tmp/facegan-ray}"  # the same for start and stop
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+# Jobs reach the head through its dashboard agent's port; every Ray on a machine defaults to
+# 52365, so with another Ray running here (a plain `python -m jobs.train` starts one) set another.
+AGENT_PORT="${RAY_AGENT_PORT:-52365}"
 
 case "${1:-}" in
   start)
     mkdir -p "$HOME_DIR"
     ray start --head --node-ip-address=127.0.0.1 --port=6379 \
-      --dashboard-host=127.0.0.1 --dashboard-port=8265 --include-dashboard=true --disable-usage-stats
+      --dashboard-host=127.0.0.1 --dashboard-port=8265 --include-dashboard=true --disable-usage-stats \
+      --dashboard-agent-listen-port="$AGENT_PORT"
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false nohup mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" \
       --workers 1 --backend-store-uri "sqlite:///$HOME_DIR/mlflow.db" \
       --artifacts-destination "$HOME_DIR/mlartifacts" >"$HOME_DIR/mlflow.log" 2>&1 &

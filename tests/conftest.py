@@ -106,12 +106,19 @@ def processes_naming(*tmp_dirs: str) -> list:
 
 
 def stop_ray_by_tmpdir(tmp: str, grace: float = 10) -> int:
-    """Stops the Ray processes of the node(s) started with this temp dir (every one of them names
-    it in its command line), and no other: `ray stop` kills every Ray on the machine. Returns
-    how many there were."""
+    """Stops the Ray processes of the node(s) started with this temp dir (each names it in its
+    command line, or is a child of one that does: the dashboard agent retitles itself
+    "ray::DashboardAgent", and orphaned it spins for a minute holding its port), and no other:
+    `ray stop` kills every Ray on the machine. Returns how many there were."""
     import psutil
 
-    procs = processes_naming(tmp)
+    procs = {p.pid: p for p in processes_naming(tmp)}
+    for p in list(procs.values()):
+        try:
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.Error:
+            pass
+    procs = list(procs.values())
     for p in procs:
         try:
             p.terminate()
