@@ -1,5 +1,5 @@
-"""Real jobs.train runs on a local Ray and a real MLflow store: generators published while both
-ranks train, and replayable (deterministic) runs."""
+"""Real jobs.train runs on a local Ray and a real MLflow store: generators published and audited
+while both ranks train, and replayable (deterministic) runs."""
 from __future__ import annotations
 
 import mlflow
@@ -15,29 +15,56 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 
-def test_generators_published_while_ranks_train_all_load(faces64, tmp_path, mlflow_store, root_cwd, capsys):
-    """2 DDP workers evaluate every 4 steps for 64 steps: new best generators are published
-    while many more steps follow on both ranks. The run ends FINISHED, every published version
-    loads and runs."""
+def test_generators_published_while_ranks_train_all_load_and_audit(faces64, tmp_path, mlflow_store, root_cwd,
+                                                                   capsys):
+    """2 DDP workers (EMA generator) evaluate every 4 steps for 64 steps: new best generators are
+    published while many more steps follow on both ranks. The run ends FINISHED; each new best is
+    a registered version, the alias follows it, every version loads and runs; the memorisation
+    audit runs at the end and again from the CLI on the logged model. One run for all of it (a
+    Ray Train run costs ~50 s of CPU to start and stop)."""
+    import json
+
     from mlflow.entities import RunStatus
+
+    from jobs import audit, sample
 
     assert train_job.main(_args(faces64, tmp_path / "runs", "publishing", 64, "--eval.every_steps=4",
                                 "--eval.extractor=pixels", "--eval.num_samples=64",
-                                "--eval.register_as=published-race", "--train.checkpoint_every=8")) == 0
+                                "--eval.register_as=facegan-best", "--eval.audit_samples=64",
+                                "--train.ema_decay=0.9", "--train.checkpoint_every=8")) == 0
     run_id = capsys.readouterr().out.split("run_id: ")[1].split()[0]
     client = MlflowClient(mlflow_store)
     assert client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.FINISHED)
-    versions = sorted(client.search_model_versions("name='published-race'"), key=lambda v: int(v.version))
+    fid = {m.step: m.value for m in client.get_metric_history(run_id, "fid")}
+    assert sorted(fid) == list(range(4, 65, 4)) and len(client.get_metric_history(run_id, "kid")) == 16
+    versions = sorted(client.search_model_versions("name='facegan-best'"), key=lambda v: int(v.version))
+    assert all(v.run_id == run_id for v in versions)
     steps = [int(v.description.split("step ")[1].split(",")[0]) for v in versions]
     assert len(versions) >= 2 and steps == sorted(steps) and steps[0] < 48, steps
-    fid = {m.step: m.value for m in client.get_metric_history(run_id, "fid")}
     assert steps == [s for s in sorted(fid) if fid[s] < min([fid[t] for t in fid if t < s], default=float("inf"))]
+    best = min(fid, key=fid.get)
+    tags = client.get_run(run_id).data.tags
+    assert tags["facegan.best_step"] == str(best) == str(steps[-1]) and tags["facegan.generator_step"] == str(best)
+    # The alias follows each new best: models:/facegan-best@champion is the last published one.
+    champion = client.get_model_version_by_alias("facegan-best", "champion")
+    assert int(champion.version) == int(versions[-1].version)
+    assert f"step {best}" in champion.description and "champion" in client.get_registered_model("facegan-best").description
+    assert f"Best fid {tags['facegan.best_fid']} at step {best}" in tags["mlflow.note.content"]
+    assert {i.tags[0].value for i in client.get_run(run_id).inputs.dataset_inputs} == {"train", "eval"}
     z = torch.rand(4, 100) * 2 - 1
     mlflow.set_tracking_uri(mlflow_store)  # models:/ resolves through the global URI, which other tests set
     for v in versions:
-        G = mlflow.pytorch.load_model(f"models:/published-race/{v.version}")
+        G = mlflow.pytorch.load_model(f"models:/facegan-best/{v.version}")
         out = G(z)
         assert out.shape == (4, 3, 64, 64) and torch.isfinite(out).all()
+    assert sample.main(["--model", "models:/facegan-best@champion", "--out", str(tmp_path / "champ"), "--n", "4"]) == 0
+    assert {a.path for a in client.list_artifacts(run_id, "audit")} == {"audit/summary.json", "audit/closest_pairs.png"}
+    assert len(client.get_metric_history(run_id, "audit_fraction_memorized")) == 1
+    capsys.readouterr()
+    assert audit.main(["--run", run_id, "--n", "32"]) in (0, 1)  # the CLI, on the logged model
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["n_fake"] == 32 and report["n_train"] == 512 and report["n_heldout"] == 128
+    assert len(client.get_metric_history(run_id, "audit_fraction_memorized")) == 2
 
 
 def test_deterministic_runs_are_bit_identical(faces64, tmp_path, mlflow_store, root_cwd, capsys):

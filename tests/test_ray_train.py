@@ -285,41 +285,6 @@ def test_distributed_fid_equals_single_process(probed, faces64):
     assert got["scores"]["kid"] == pytest.approx(single["kid"], rel=1e-4, abs=1e-7)
 
 
-def test_run_with_evaluation_registers_best_and_audits(faces64, tmp_path, mlflow_store, root_cwd, capsys):
-    assert train_job.main(_args(faces64, tmp_path / "runs", "evaluated", 12, "--eval.every_steps=4",
-                                "--eval.extractor=pixels", "--eval.num_samples=64",
-                                "--eval.register_as=facegan-best", "--eval.audit_samples=64",
-                                "--train.ema_decay=0.9")) == 0
-    run_id = capsys.readouterr().out.split("run_id: ")[1].split()[0]
-    client = MlflowClient(mlflow_store)
-    fid = {m.step: m.value for m in client.get_metric_history(run_id, "fid")}
-    assert sorted(fid) == [4, 8, 12] and len(client.get_metric_history(run_id, "kid")) == 3
-    best = min(fid, key=fid.get)
-    tags = client.get_run(run_id).data.tags
-    assert tags["facegan.best_step"] == str(best) and tags["facegan.generator_step"] == str(best)
-    versions = client.search_model_versions("name='facegan-best'")
-    assert 1 <= len(versions) <= 3 and all(v.run_id == run_id for v in versions)
-    # The alias follows each new best: models:/facegan-best@champion is the last published one.
-    champion = client.get_model_version_by_alias("facegan-best", "champion")
-    assert int(champion.version) == max(int(v.version) for v in versions)
-    assert f"step {best}" in champion.description and "champion" in client.get_registered_model("facegan-best").description
-    assert f"Best fid {tags['facegan.best_fid']} at step {best}" in tags["mlflow.note.content"]
-    inputs = {i.tags[0].value for i in client.get_run(run_id).inputs.dataset_inputs}
-    assert inputs == {"train", "eval"}
-    from jobs import sample
-
-    assert sample.main(["--model", "models:/facegan-best@champion", "--out", str(tmp_path / "champ"), "--n", "4"]) == 0
-    arts = {a.path for a in client.list_artifacts(run_id, "audit")}
-    assert arts == {"audit/summary.json", "audit/closest_pairs.png"}
-    assert len(client.get_metric_history(run_id, "audit_fraction_memorized")) == 1
-    from jobs import audit
-
-    assert audit.main(["--run", run_id, "--n", "32"]) in (0, 1)  # the CLI, on the logged model
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["n_fake"] == 32 and report["n_train"] == 512 and report["n_heldout"] == 128
-    assert len(client.get_metric_history(run_id, "audit_fraction_memorized")) == 2
-
-
 def test_logged_fid_is_that_of_the_logged_generator(faces64, tmp_path, mlflow_store, root_cwd, capsys):
     """2 workers, standard Inception: the FID logged at the published step equals jobs.fid on the
     published model in one process (BN statistics averaged over the ranks before evaluating), and
