@@ -29,10 +29,23 @@ def measured_seconds() -> dict[str, float]:
     return {r["module"]: r["seconds"] for r in rows if r.get("kind") == "module"}
 
 
+EXTENDED = ("the extended tier: a second failure scenario on a feature the default tier already covers, "
+            "or a second Ray node; python -m pytest -q --extended runs it too (docs/testing.md)")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--extended", action="store_true", help="also run the tests marked extended (docs/testing.md)")
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Longest module first: pytest-xdist hands whole modules (--dist loadfile) to its two
+    """Tests marked ``extended`` are skipped, with the reason, unless ``--extended`` is given.
+    Longest module first: pytest-xdist hands whole modules (--dist loadfile) to its two
     workers in this order, so the last ones to start are short and both finish together. A
     module not yet measured counts as long. Tests keep their order within a module."""
+    if not config.getoption("--extended"):
+        for item in items:
+            if item.get_closest_marker("extended"):
+                item.add_marker(pytest.mark.skip(reason=EXTENDED))
     seconds, first_seen = measured_seconds(), {}
     module = lambda it: it.module.__name__.rsplit(".", 1)[-1]  # noqa: E731
     for item in items:

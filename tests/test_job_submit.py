@@ -88,6 +88,7 @@ def test_ray_job_submit_lands_in_mlflow(ray_head, mlflow_server, faces64, tmp_pa
     assert client.get_model_version_by_alias("submitted-g", "champion").run_id == run_id
 
 
+@pytest.mark.extended  # job submission: the train job above; divergence: test_ray_failures
 def test_ray_job_submit_runs_a_sweep_in_which_a_diverging_trial_fails_alone(ray_head, mlflow_server, faces64, tmp_path):
     """A sweep submitted to the cluster; one of its trials diverges (lr_g 1e30): that trial
     fails by name, the other finishes and wins, and the sweep goes on to its summary."""

@@ -41,6 +41,7 @@ def test_diverged_run_fails_by_step_and_keeps_its_last_good_checkpoint(faces64, 
     assert run.data.tags["facegan.generator_step"] == "10"
 
 
+@pytest.mark.extended  # damaged files by name: test_loop; resuming through Ray: test_ray_train
 def test_damaged_latest_checkpoint_resumes_from_the_one_before(faces64, tmp_path, mlflow_store, root_cwd, capsys):
     runs = tmp_path / "runs"
     assert train_job.main(_args(faces64, runs, "dmg", 20)) == 0

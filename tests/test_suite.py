@@ -136,3 +136,20 @@ def test_process_cpu_sums_every_process_the_command_starts(capsys):
     with pytest.raises(SystemExit) as exit_:
         process_cpu.main([])
     assert exit_.value.code == 2 and "no command to run" in capsys.readouterr().err
+
+
+def test_extended_tests_are_skipped_saying_how_to_run_them_and_are_listed_in_the_docs():
+    """The default tier skips the tests marked extended (with the command that runs them); the
+    docs list exactly those, each with the default-tier test that covers its feature."""
+    import re
+
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-n", "0", "-p", "no:cacheprovider",
+                             "-m", "extended"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
+    marked = sorted(line.strip() for line in listed.stdout.splitlines() if "::" in line)
+    documented = sorted(re.findall(r"^\| `(tests/[\w/]+\.py::\w+)` \|", (ROOT / "docs" / "testing.md").read_text(), re.M))
+    assert marked == documented and len(marked) == 4, (marked, documented)
+    ran = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-n", "0", "-p", "no:cacheprovider", marked[0]],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0 and "1 skipped" in ran.stdout, ran.stdout[-2000:]
+    assert "python -m pytest -q --extended" in ran.stdout

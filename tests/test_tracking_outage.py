@@ -112,6 +112,7 @@ def test_server_killed_mid_run_and_back_while_training(faces64, tmp_path, server
     _assert_complete(uri, run_id)
 
 
+@pytest.mark.extended  # the outage's first scenario, server back mid-run, is in the default tier
 def test_server_killed_mid_run_and_never_back(faces64, tmp_path, server, capsys):
     uri, store, port, procs = server
     run_dir = tmp_path / "runs" / "gone"

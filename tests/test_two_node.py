@@ -162,6 +162,7 @@ def test_two_nodes_s3_storage_and_a_killed_worker(cluster, mlflow_s3, s3_env, fa
 
 
 
+@pytest.mark.extended  # two nodes, S3 storage and a killed worker: the test above; PBT: test_tune
 def test_pbt_sweep_with_its_storage_in_s3(cluster, mlflow_s3, s3_env, faces64, tmp_path):
     """Tune's experiment state, the trials' Train checkpoints and the donors PBT clones all live
     in the bucket; an exploit restarts a trial from a donor's checkpoint read back from S3."""
