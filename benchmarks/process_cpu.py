@@ -1,6 +1,7 @@
-"""Where a command's CPU goes, by kind of process: every process started while it runs (Ray's
-actors and workers, MLflow servers, publishing children, test processes) is sampled until it
-ends, and their CPU seconds are summed by kind.
+"""Where a command's CPU goes, by kind of process: every process the command starts, directly or
+through its children (Ray's actors and workers, MLflow servers, publishing children, test
+processes), is sampled until it ends, and their CPU seconds are summed by kind. Processes that
+others start meanwhile are not counted.
 
     python -m benchmarks.process_cpu python -m pytest -q
     python -m benchmarks.process_cpu --every 0.5 python -m jobs.train --config configs/smoke.toml
@@ -46,10 +47,14 @@ def measure(command: list[str], every: float = 0.3) -> tuple[int, dict]:
     seen: dict[int, tuple[str, float]] = {}
     t0 = time.monotonic()
     proc = subprocess.Popen(command)
+    ours = {proc.pid}  # the command and its descendants, kept once seen (a daemon is re-parented later)
     while True:
         done = proc.poll() is not None
-        for p in psutil.process_iter(["cmdline", "cpu_times"]):
-            if p.pid in before or p.info["cpu_times"] is None:
+        for p in sorted(psutil.process_iter(["cmdline", "cpu_times", "ppid"]), key=lambda p: p.info["ppid"] not in ours):
+            if p.pid not in ours and (p.pid in before or p.info["ppid"] not in ours):
+                continue
+            ours.add(p.pid)
+            if p.info["cpu_times"] is None:
                 continue
             cpu = p.info["cpu_times"].user + p.info["cpu_times"].system
             seen[p.pid] = (kind(p.info["cmdline"] or [p.name()]) if p.info["cmdline"] else seen.get(p.pid, ("?",))[0], cpu)

@@ -130,6 +130,18 @@ def test_process_cpu_sums_every_process_the_command_starts(capsys):
     assert python["processes"] == 2 and python["cpu_s"] >= 1.4
     assert process_cpu.kind(["ray::TrainController"]) == "ray::TrainController"
     assert process_cpu.kind(["/v/bin/python", "-m", "jobs.publish", "--serve"]) == "publishing child"
+    # A process started meanwhile by someone else (here: this test, as the other pytest process
+    # or a Ray node would) is not the command's: it once added ~2 s to this 1.5 s command.
+    import threading
+
+    other = []
+    timer = threading.Timer(0.2, lambda: other.append(subprocess.Popen([sys.executable, "-c", burn.replace("1.5", "3")])))
+    timer.start()
+    assert process_cpu.main(["--every", "0.1", sys.executable, "-c", parent]) == 3
+    timer.join()
+    other[0].wait(timeout=60)
+    report = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert 1.4 <= report["cpu_s"] < 2.9, report
     with pytest.raises(SystemExit) as exit_:
         process_cpu.main(["--every", "0", "true"])
     assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
