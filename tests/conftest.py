@@ -29,8 +29,8 @@ def measured_seconds() -> dict[str, float]:
     return {r["module"]: r["seconds"] for r in rows if r.get("kind") == "module"}
 
 
-EXTENDED = ("the extended tier: a second failure scenario on a feature the default tier already covers, "
-            "or a second Ray node; python -m pytest -q --extended runs it too (docs/testing.md)")
+EXTENDED = ("the extended tier: a second scenario of a feature the default tier already covers; "
+            "python -m pytest -q --extended runs it too (docs/testing.md)")
 
 
 def pytest_addoption(parser):
